@@ -1,0 +1,369 @@
+"""Typed run configuration: a dataclass tree loaded from YAML, with `key.sub=value` overrides.
+
+Everything is validated once, at start, before any process-group work; errors name the
+dotted key, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before anything starts."""
+
+
+@dataclass
+class ModelSection:
+    path: str = ""  # Hugging Face model folder (config.json, safetensors, tokenizer)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    make_vocab_size_divisible_by: int = 128
+    recompute: Literal["none", "selective", "full"] = "none"
+    # Policy-preserving shift of V_theta(s_1): subtract the base model's mean V(s_1) from an
+    # output-layer bias so r/beta dominates (shared/notes/tbrm.md). Off for paper fidelity.
+    value_offset: bool = False
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved 1F1B)
+    cp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class DataSection:
+    train_path: str = ""
+    eval_path: Optional[str] = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    system_prompt: Optional[str] = "Please reason step by step, and put your final answer within \\boxed{}."
+    max_prompt_tokens: int = 512
+    shuffle: bool = True
+    seed: int = 0
+    strict: bool = False
+
+
+@dataclass
+class WeightSyncSection:
+    transport: Literal["http", "shm", "nccl"] = "shm"
+    bucket_mb: int = 512
+
+
+@dataclass
+class RolloutSection:
+    server_url: Optional[str] = None  # attach to a running server instead of starting one
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port
+    n: int = 1  # samples per prompt (TBRM's default is 1)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 2048
+    stop: list[str] = field(default_factory=list)
+    max_concurrency: int = 64
+    max_model_len: int = 4096
+    kv_cache_bytes: Optional[int] = None
+    gpu_memory_utilization: float = 0.5
+    max_num_seqs: int = 256
+    tensor_parallel_size: int = 1
+    dtype: Optional[str] = None  # default: the trainer's model.dtype
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0
+    weight_sync: WeightSyncSection = field(default_factory=WeightSyncSection)
+
+
+@dataclass
+class RewardSection:
+    name: str = "math"
+    timeout_s: float = 5.0
+    workers: int = 2
+
+
+@dataclass
+class LossSection:
+    name: Literal["tbrm", "grpo"] = "tbrm"
+    beta: float = 0.002
+    # GRPO only
+    clip_eps: float = 0.2
+    kl_coef: float = 0.001
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+
+
+@dataclass
+class OptimSection:
+    lr: float = 2.5e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 760
+    prompts_per_step: int = 128
+    micro_batch_size: int = 4
+    ref_offload: bool = False  # keep the frozen reference model on CPU between uses
+    max_bad_steps: int = 3  # non-finite losses in a row before the run stops
+
+
+@dataclass
+class CheckpointSection:
+    dir: Optional[str] = None  # default: <run.dir>/checkpoints
+    save_every: int = 50
+    load: Optional[str] = None  # initial Megatron checkpoint (else the HF folder is loaded)
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # 0: no evaluation during training
+    path: Optional[str] = None
+    max_problems: int = 256
+    temperature: float = 0.0
+    max_tokens: int = 1024
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check `value` against the annotation `tp`; returns the value (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], key)
+        else:
+            kwargs[name] = _coerce(data[name], tp, key)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
+    """Load YAML `path` (or defaults), apply `key.sub=value` overrides, type-check every key."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping, got {type(tree).__name__}")
+    for item in overrides:
+        _apply_override(tree, item)
+    return _build(Config, tree, "")
+
+
+# -------------------------------------------------------------------------- validation
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}': got {value!r}, expected a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def read_hf_config(model_path: str) -> dict:
+    cfg_file = Path(model_path) / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"config key 'model.path': {model_path!r} has no config.json (expected a Hugging Face model folder)")
+    return json.loads(cfg_file.read_text())
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Cross-field checks. Raises ConfigError naming the key, the value and what is allowed."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    par = cfg.parallel
+    for key in ("tp", "pp", "cp"):
+        _positive(f"parallel.{key}", getattr(par, key))
+    model_parallel = par.tp * par.pp * par.cp
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"config keys 'parallel.tp' x 'parallel.pp' x 'parallel.cp' = {par.tp} x {par.pp} x {par.cp} "
+            f"= {model_parallel} does not divide the world size {world_size}"
+        )
+    if par.vpp is not None and (par.vpp < 1 or par.pp == 1):
+        raise ConfigError(f"config key 'parallel.vpp': got {par.vpp!r}; virtual stages need parallel.pp > 1 and vpp >= 1")
+    if par.sequence_parallel and par.tp == 1:
+        raise ConfigError("config key 'parallel.sequence_parallel': true needs parallel.tp > 1")
+
+    if not cfg.model.path:
+        raise ConfigError("config key 'model.path' is required: a Hugging Face model folder")
+    hf = read_hf_config(cfg.model.path)
+    heads = hf.get("num_attention_heads")
+    kv_heads = hf.get("num_key_value_heads", heads)
+    layers = hf.get("num_hidden_layers")
+    if heads is not None and heads % par.tp:
+        raise ConfigError(f"config key 'parallel.tp': got {par.tp}, which does not divide num_attention_heads={heads} of {cfg.model.path}")
+    if kv_heads is not None and kv_heads % par.tp and par.tp % kv_heads:
+        raise ConfigError(f"config key 'parallel.tp': got {par.tp}, incompatible with num_key_value_heads={kv_heads} of {cfg.model.path}")
+    stages = par.pp * (par.vpp or 1)
+    if layers is not None and layers % stages:
+        raise ConfigError(f"config key 'parallel.pp': {par.pp} pipeline stages x {par.vpp or 1} virtual do not divide num_hidden_layers={layers} of {cfg.model.path}")
+    max_pos = hf.get("max_position_embeddings")
+    seq = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens
+    if max_pos is not None and seq > max_pos:
+        raise ConfigError(
+            f"config keys 'data.max_prompt_tokens' + 'rollout.max_tokens' = {seq} exceed the model's "
+            f"max_position_embeddings={max_pos} ({cfg.model.path})"
+        )
+    if cfg.rollout.max_model_len < seq:
+        raise ConfigError(f"config key 'rollout.max_model_len': got {cfg.rollout.max_model_len}, must be >= data.max_prompt_tokens + rollout.max_tokens = {seq}")
+
+    if cfg.model.fp8 is not None:
+        from .model import check_fp8_available
+
+        check_fp8_available(cfg.model.fp8)
+
+    if not cfg.data.train_path:
+        raise ConfigError("config key 'data.train_path' is required: a JSONL or Parquet prompt file")
+    if not Path(cfg.data.train_path).is_file():
+        raise ConfigError(f"config key 'data.train_path': file not found: {cfg.data.train_path}")
+    for key in ("data.eval_path", "eval.path"):
+        sec, name = key.split(".")
+        p = getattr(getattr(cfg, sec), name)
+        if p is not None and not Path(p).is_file():
+            raise ConfigError(f"config key '{key}': file not found: {p}")
+
+    _positive("rollout.n", cfg.rollout.n)
+    _positive("rollout.max_tokens", cfg.rollout.max_tokens)
+    _positive("rollout.temperature", cfg.rollout.temperature, allow_zero=True)
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"config key 'rollout.top_p': got {cfg.rollout.top_p}, expected 0 < top_p <= 1")
+    _positive("loss.beta", cfg.loss.beta)
+    _positive("optim.lr", cfg.optim.lr)
+    _positive("optim.clip_grad", cfg.optim.clip_grad, allow_zero=True)
+    _positive("train.steps", cfg.train.steps, allow_zero=True)
+    _positive("train.prompts_per_step", cfg.train.prompts_per_step)
+    _positive("train.micro_batch_size", cfg.train.micro_batch_size)
+    _positive("checkpoint.save_every", cfg.checkpoint.save_every, allow_zero=True)
+    if cfg.loss.name == "grpo" and cfg.rollout.n < 2:
+        raise ConfigError(f"config key 'rollout.n': got {cfg.rollout.n}; loss.name=grpo needs n >= 2 samples per prompt")
+    dp = world_size // model_parallel
+    trajectories = cfg.train.prompts_per_step * cfg.rollout.n
+    if trajectories % (dp * cfg.train.micro_batch_size):
+        raise ConfigError(
+            f"config keys 'train.prompts_per_step' x 'rollout.n' = {trajectories} trajectories must split evenly "
+            f"into data-parallel size {dp} x 'train.micro_batch_size' {cfg.train.micro_batch_size}"
+        )

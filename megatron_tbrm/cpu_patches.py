@@ -1,0 +1,150 @@
+"""Make megatron-core run on CPU (gloo). Applied only when CUDA is absent.
+
+megatron-core assumes CUDA in ~100 places: literal ``device="cuda"`` tensors, ``torch.cuda.*``
+calls for devices, streams, events and RNG, and ``Tensor.type()`` checks against
+``torch.cuda.FloatTensor``. Rather than patching each call site (brittle across mcore
+versions), three narrow mechanisms cover them all:
+
+1. ``_CudaToCpu``, a TorchFunctionMode that rewrites any CUDA device argument of a torch call
+   (factories, ``Tensor.to``/``.cuda()``) to CPU, and answers ``Tensor.type()`` with the CUDA
+   type name mcore's optimizer and grad-clipping asserts expect.
+2. ``torch.cuda`` shims: device/stream/event/synchronize/memory calls become CPU no-ops and
+   the CUDA RNG calls act on the CPU generator, so mcore's RNG tracker (needed even with
+   dropout 0) forks and restores a real state.
+3. The mcore functions that bypass the above: the tracker's private CUDA RNG helpers.
+
+Nothing here runs on a machine with a GPU: ``apply()`` refuses when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+_lock = threading.Lock()
+
+# Tensor.type() strings mcore compares against (optimizer.py, distrib_optimizer.py, clip_grads.py).
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_cuda_device(d) -> bool:
+    if isinstance(d, torch.device):
+        return d.type == "cuda"
+    if isinstance(d, str):
+        return d.startswith("cuda")
+    # A bare int is a CUDA ordinal for torch factories (device=torch.cuda.current_device()).
+    return isinstance(d, int) and not isinstance(d, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Redirects CUDA device arguments to CPU for every torch call made under it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # mcore asserts grads/params are 'torch.cuda.*Tensor'; answer as a CUDA build would.
+            return _CUDA_TYPE_NAMES.get(args[0].dtype, torch.Tensor.type(args[0]))
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NoopStream:
+    """Stands in for torch.cuda.Stream/Event: CPU ops are synchronous, so these do nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+    def query(self) -> bool:
+        return True
+
+
+def _cpu_rng_state(*args, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(state, *args, **kwargs) -> None:
+    torch.set_rng_state(state)
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    # Devices: mcore passes current_device() as `device=`; the TorchFunctionMode maps the int to CPU.
+    cuda.current_device = lambda: 0
+    cuda.set_device = lambda *a, **k: None
+    cuda.device_count = lambda: 0
+    # Synchronisation, streams, events: CPU kernels are synchronous.
+    cuda.synchronize = lambda *a, **k: None
+    cuda.Stream = _NoopStream
+    cuda.Event = _NoopStream
+    cuda.current_stream = lambda *a, **k: _NoopStream()
+    cuda.default_stream = lambda *a, **k: _NoopStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    # Memory bookkeeping (timers/loggers call these).
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    # NVTX ranges used by mcore's profiling hooks.
+    cuda.nvtx.range_push = lambda *a, **k: None
+    cuda.nvtx.range_pop = lambda *a, **k: None
+    # RNG: the CUDA generator does not exist; the model-parallel tracker forks the CPU one.
+    cuda.get_rng_state = _cpu_rng_state
+    cuda.set_rng_state = _set_cpu_rng_state
+    # torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None
+    cuda.random.get_rng_state = _cpu_rng_state
+    cuda.random.set_rng_state = _set_cpu_rng_state
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # The tracker's private helpers index torch.cuda.default_generators directly.
+    mrandom._get_cuda_rng_state = _cpu_rng_state
+    mrandom._set_cuda_rng_state = _set_cpu_rng_state
+
+
+_mode: _CudaToCpu | None = None
+
+
+def apply() -> bool:
+    """Install the patches in this process if CUDA is absent. Returns whether they are active."""
+    global _applied, _mode
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if _applied:
+            return True
+        _patch_torch_cuda()
+        _patch_megatron()
+        _mode = _CudaToCpu()
+        _mode.__enter__()  # process-wide for the main thread, for the life of the process
+        _applied = True
+    return True
+

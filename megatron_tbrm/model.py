@@ -1,0 +1,276 @@
+"""Megatron-core GPTModel for the Llama and Qwen2 families, from a typed config.
+
+The architecture comes from a Hugging Face config.json (what users have for Qwen2.5-Math);
+the layer spec is Transformer Engine's when TE is importable and a GPU is present, the local
+(pure megatron-core) spec otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelConfigError(ValueError):
+    """The model folder or the requested model settings are unusable."""
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["qwen2", "llama"]
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    head_dim: Optional[int] = None
+    initializer_range: float = 0.02
+    # Trainer-side settings (not part of the HF architecture).
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    make_vocab_size_divisible_by: int = 128
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    recompute: Literal["none", "selective", "full"] = "none"
+    hf_config: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_hf(cls, path: str | Path, **overrides) -> "ModelConfig":
+        """Read `path/config.json` (or a dict) of a Qwen2 or Llama model."""
+        if isinstance(path, dict):
+            hf = path
+            where = "<dict>"
+        else:
+            cfg_file = Path(path) / "config.json"
+            if not cfg_file.is_file():
+                raise ModelConfigError(f"{cfg_file} not found: expected a Hugging Face model folder")
+            hf = json.loads(cfg_file.read_text())
+            where = str(cfg_file)
+        archs = hf.get("architectures") or []
+        family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if family is None:
+            raise ModelConfigError(
+                f"{where}: unsupported architecture {archs or hf.get('model_type')!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        heads = hf["num_attention_heads"]
+        cfg = cls(
+            family=family,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads", heads),
+            ffn_hidden_size=hf["intermediate_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama has them only with attention_bias.
+            qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
+            head_dim=hf.get("head_dim"),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            hf_config=hf,
+        )
+        if hf.get("rope_scaling"):
+            raise ModelConfigError(f"{where}: rope_scaling {hf['rope_scaling']!r} is not supported yet")
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise ModelConfigError(f"unknown model setting {k!r}")
+            setattr(cfg, k, v)
+        return cfg
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Megatron's vocabulary padding: a multiple of make_vocab_size_divisible_by x TP."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def check_parallel(self, tp: int, pp: int, vpp: Optional[int] = None) -> None:
+        if self.num_attention_heads % tp:
+            raise ModelConfigError(f"tensor parallel size {tp} does not divide num_attention_heads={self.num_attention_heads}")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            raise ModelConfigError(f"tensor parallel size {tp} is incompatible with num_key_value_heads={self.num_kv_heads}")
+        if self.ffn_hidden_size % tp:
+            raise ModelConfigError(f"tensor parallel size {tp} does not divide intermediate_size={self.ffn_hidden_size}")
+        stages = pp * (vpp or 1)
+        if self.num_layers % stages:
+            raise ModelConfigError(f"{stages} pipeline stages do not divide num_hidden_layers={self.num_layers}")
+
+
+def te_available() -> bool:
+    """Transformer Engine is usable: importable and a GPU present (it fails to import without CUDA)."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def check_fp8_available(fp8: Optional[str]) -> None:
+    if fp8 is None:
+        return
+    if not torch.cuda.is_available():
+        raise ModelConfigError(f"fp8={fp8!r} needs a GPU: FP8 runs through Transformer Engine's CUDA kernels, and no GPU is visible")
+    if not te_available():
+        raise ModelConfigError(f"fp8={fp8!r} needs Transformer Engine (transformer_engine.pytorch), which is not importable here")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ModelConfigError(f"fp8={fp8!r} needs an Ada/Hopper-class GPU (compute capability >= 8.9); this one is {major}.{minor}")
+
+
+def use_te(cfg: ModelConfig) -> bool:
+    if cfg.transformer_impl == "local":
+        return False
+    if cfg.transformer_impl == "transformer_engine":
+        if not te_available():
+            raise ModelConfigError("transformer_impl='transformer_engine' needs Transformer Engine and a GPU")
+        return True
+    return te_available()
+
+
+def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: Optional[int] = None, sequence_parallel: bool = False):
+    """The megatron-core TransformerConfig for `cfg` at this parallel layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg.check_parallel(tp, pp, vpp)
+    check_fp8_available(cfg.fp8)
+    dtype = DTYPES[cfg.dtype]
+    recompute = {} if cfg.recompute == "none" else {"recompute_granularity": cfg.recompute}
+    if cfg.recompute == "full":
+        recompute.update(recompute_method="uniform", recompute_num_layers=1)
+    fp8 = {}
+    if cfg.fp8 is not None:
+        fp8 = dict(
+            fp8=cfg.fp8,
+            fp8_recipe=cfg.fp8_recipe,
+            fp8_amax_history_len=cfg.fp8_amax_history_len,
+            fp8_amax_compute_algo=cfg.fp8_amax_compute_algo,
+        )
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_kv_heads,
+        kv_channels=cfg.kv_channels,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.initializer_range,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=cfg.dtype == "bf16",
+        fp16=cfg.dtype == "fp16",
+        # Initialise full weights on CPU, then shard: identical weights for every TP size.
+        use_cpu_initialization=True,
+        # Fusions that need CUDA kernels (or apex) are off; TE brings its own fused paths.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        # Each micro-batch's loss is a sum; the schedule divides by the global item count.
+        calculate_per_token_loss=True,
+        **recompute,
+        **fp8,
+    )
+
+
+def layer_spec(cfg: ModelConfig):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te(cfg):
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    sequence_parallel: bool = False,
+    wrap_ddp: bool = False,
+    ddp_config=None,
+) -> list:
+    """Build this rank's model chunks (one per virtual pipeline stage) at the current layout.
+
+    Requires megatron_tbrm.parallel.init_distributed() first. Returns plain GPTModels, or
+    megatron-core DDP-wrapped ones when `wrap_ddp` (the trainer's path).
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.models.gpt import GPTModel
+
+    tp = mpu.get_tensor_model_parallel_world_size()
+    pp = mpu.get_pipeline_model_parallel_world_size()
+    vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
+    tcfg = transformer_config(cfg, tp, pp, vpp, sequence_parallel)
+    spec = layer_spec(cfg)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=spec,
+            vocab_size=cfg.padded_vocab_size(tp),
+            max_sequence_length=cfg.max_position_embeddings,
+            pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.rope_theta),
+            vp_stage=stage,
+        )
+        model.to(device)
+        chunks.append(model)
+    if wrap_ddp:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_config = ddp_config or DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        chunks = [
+            DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
+            for i, m in enumerate(chunks)
+        ]
+    return chunks
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

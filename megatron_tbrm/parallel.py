@@ -1,0 +1,131 @@
+"""torch.distributed + megatron-core parallel state (TP, PP, virtual PP, CP, DP) under torchrun.
+
+gloo on CPU (with megatron_tbrm.cpu_patches applied), NCCL on GPU. Seeds: the same base seed
+on every rank for data/sampling, and megatron-core's model-parallel RNG tracker for
+TP-sharded initialisation, so weights are identical for any parallel layout when
+`use_cpu_initialization` is on.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import cpu_patches
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    vpp_size: Optional[int]
+    cp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: Optional[int] = None,
+    cp: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> ParallelState:
+    """Initialise (or reuse) the default process group and megatron-core's model-parallel groups.
+
+    Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT as set by torchrun; a plain
+    `python` run is a world of one.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_patches.apply()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size % (tp * pp * cp):
+        raise ValueError(f"tp x pp x cp = {tp} x {pp} x {cp} does not divide the world size {world_size}")
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend="nccl" if on_gpu else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    set_seed(seed)
+    # Offsets per TP rank for sharded init/dropout; the tracker is required even with dropout 0.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return current_state()
+
+
+def current_state() -> ParallelState:
+    from megatron.core import parallel_state as mpu
+
+    return ParallelState(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        tp_size=mpu.get_tensor_model_parallel_world_size(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        pp_size=mpu.get_pipeline_model_parallel_world_size(),
+        vpp_size=mpu.get_virtual_pipeline_model_parallel_world_size(),
+        cp_size=mpu.get_context_parallel_world_size(),
+        dp_rank=mpu.get_data_parallel_rank(),
+        dp_size=mpu.get_data_parallel_world_size(),
+        device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"),
+    )
+
+
+def destroy_distributed() -> None:
+    """Tear down cleanly: an exit without destroy_process_group() sometimes aborts under gloo."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
