@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,29 @@ def test_sbatch_rejects_bad_layouts(args, env, message):
 def test_sbatch_refuses_to_run_outside_slurm():
     p = _run(["bash", str(SBATCH), "--nodes", "1", "r.yaml"], _env(), ok=False)
     assert p.returncode != 0 and "dry-run" in p.stderr
+
+
+def test_sbatch_runs_the_dry_run_commands_and_stops_vllm_when_training_ends(tmp_path):
+    """The batch path with a stand-in `srun` (records its argv; vLLM steps would serve forever)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "calls"
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        f"printf '%q ' \"$@\" >> {shlex.quote(str(record))}; echo >> {shlex.quote(str(record))}\n"
+        'for w in "$@"; do [[ $w == --headless || $w == vllm.entrypoints.openai.api_server ]] && exec sleep 60; done\n'
+        "sleep 1\n")  # a training step; long enough for the vLLM steps to be recorded
+    (bin_dir / "srun").chmod(0o755)
+    env = dict(ROLLOUT_NODES="1", MODEL="/m", SLURM_JOB_ID="5", SLURM_JOB_NODELIST="x,y,z",
+               SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="2", WORKDIR=str(tmp_path))
+    expected = dry_run("r.yaml", **env)
+    run_env = _env(**env)
+    run_env["PATH"] = f"{bin_dir}{os.pathsep}{run_env['PATH']}"
+    t0 = time.monotonic()
+    p = subprocess.run(["bash", str(SBATCH), "r.yaml"], env=run_env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert time.monotonic() - t0 < 20  # the vLLM step was stopped, not waited for
+    calls = sorted(shlex.split(ln) for ln in record.read_text().splitlines() if ln.strip())
+    assert calls == sorted(w[1:] for w in expected.values())  # srun's own argv, per node
+    assert (tmp_path / "runs" / "tbrm-5" / "logs").is_dir()
