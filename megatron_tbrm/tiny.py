@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-# The paper's (Qwen2.5-Math's) system prompt.
-SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+from megatron_tbrm.data import SYSTEM_PROMPT  # noqa: F401  (re-exported)
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]  # ids 0, 1, 2
@@ -280,6 +279,8 @@ def write_tiny_model(out: str | os.PathLike, spec: TinyModelSpec) -> Path:
     _write_json(out / "config.json", hf_config(spec))
     _write_json(out / "generation_config.json", generation_config())
     save_file(init_weights(spec), str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in out.iterdir():  # safetensors writes 0600; keep the folder readable like any checkout
+        f.chmod(0o644)
     return out
 
 
@@ -299,6 +300,7 @@ def cached_tiny_model(cache_root: str | os.PathLike, spec: TinyModelSpec | None 
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
             try:
                 write_tiny_model(tmp, spec)
+                tmp.chmod(0o755)  # mkdtemp makes it 0700
                 os.rename(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

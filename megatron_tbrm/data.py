@@ -1,0 +1,350 @@
+"""Prompt datasets (JSONL / Parquet), chat templating, a resumable sampler, and the synthetic
+arithmetic task of the CPU demo.
+
+    ds = PromptDataset("dapo.parquet", tokenizer=model_dir, prompt_key="prompt",
+                       answer_key="reward_model.ground_truth", max_prompt_tokens=1024)
+    sampler = PromptSampler(ds, batch_size=128, seed=0)
+    for batch in sampler: ...                       # list[PromptItem], epochs roll over
+    ckpt["data"] = sampler.state_dict(); sampler.load_state_dict(ckpt["data"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+# The paper's (Qwen2.5-Math's) system prompt.
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+PathLike = Union[str, Path]
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptItem:
+    index: int  # row number in the source file (0-based, counting bad rows too)
+    prompt: str  # chat-templated text, ending with the assistant generation prompt
+    prompt_ids: list[int]
+    answer: str  # reference answer for the reward
+
+
+class BadRow(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(path: PathLike) -> Iterator[tuple[int, Union[dict, BadRow]]]:
+    """(row number, row dict or BadRow) for every row of a .jsonl/.json (one object per
+    line) or .parquet file. Bad rows are yielded, not raised, so the caller decides."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield i, row
+    elif suffix in (".jsonl", ".json"):
+        with open(path, "rb") as f:
+            i = 0
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue  # blank lines (e.g. a trailing newline) are not rows
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                    if not isinstance(row, dict):
+                        raise BadRow(f"line {lineno}: expected a JSON object, got {type(row).__name__}")
+                except UnicodeDecodeError as e:
+                    row = BadRow(f"line {lineno}: not UTF-8 ({e.reason} at byte {e.start})")
+                except json.JSONDecodeError as e:
+                    row = BadRow(f"line {lineno}: invalid JSON ({e.msg})")
+                except BadRow as e:
+                    row = e
+                yield i, row
+                i += 1
+    else:
+        raise ValueError(f"{path}: unknown format {suffix!r}; allowed: .jsonl, .json, .parquet")
+
+
+def get_field(row: dict, key: str) -> Any:
+    """row["a"]["b"] for key "a.b"; a literal key containing dots wins if present."""
+    if key in row:
+        return row[key]
+    cur: Any = row
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return _MISSING
+        cur = cur[part]
+    return cur
+
+
+def to_messages(prompt: Any, system_prompt: Optional[str]) -> list[dict]:
+    """A prompt given as a string or a list of chat messages -> messages, with the system
+    prompt prepended unless it is None or the messages bring their own."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise BadRow("empty prompt")
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, (list, tuple)) and prompt:
+        messages = []
+        for m in prompt:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise BadRow(f"prompt message {m!r} is not {{'role': str, 'content': str}}")
+            messages.append({"role": m["role"], "content": m["content"]})
+        if not any(m["content"].strip() for m in messages if m["role"] != "system"):
+            raise BadRow("empty prompt")
+    else:
+        raise BadRow(f"prompt must be a string or a non-empty list of messages, got {type(prompt).__name__}"
+                     + (" (empty)" if isinstance(prompt, (list, tuple)) else ""))
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def load_tokenizer(tokenizer: Any):
+    """A tokenizer object as is, or AutoTokenizer from a model folder."""
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# Dataset
+
+
+@dataclasses.dataclass
+class LoadStats:
+    rows: int = 0
+    kept: int = 0
+    bad: int = 0
+    too_long: int = 0
+    reasons: Counter = dataclasses.field(default_factory=Counter)
+
+
+class PromptDataset:
+    """All usable prompts of one file, templated and tokenized at load time.
+
+    Bad rows (not UTF-8, invalid JSON, missing/empty prompt or answer, malformed
+    messages) are skipped and counted in `stats` with one warning, or raise in strict
+    mode. Prompts longer than `max_prompt_tokens` are skipped and counted as too long.
+    """
+
+    def __init__(self, path: PathLike, tokenizer: Any, prompt_key: str = "prompt",
+                 answer_key: str = "answer", system_prompt: Optional[str] = SYSTEM_PROMPT,
+                 max_prompt_tokens: Optional[int] = None, strict: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"prompt file {self.path} does not exist")
+        tok = load_tokenizer(tokenizer)
+        self.stats = LoadStats()
+        first_bad: Optional[str] = None
+        rows: list[tuple[int, list[dict], str]] = []
+        for i, row in read_rows(self.path):
+            self.stats.rows += 1
+            try:
+                if isinstance(row, BadRow):
+                    raise row
+                rows.append((i, *self._parse_row(row, prompt_key, answer_key, system_prompt)))
+            except BadRow as e:
+                msg = f"{self.path}: row {i}: {e}"
+                if strict:
+                    raise ValueError(msg) from None
+                self.stats.bad += 1
+                self.stats.reasons[_reason(str(e))] += 1
+                first_bad = first_bad or msg
+        if self.stats.rows == 0:
+            raise ValueError(f"{self.path}: empty file, no rows")
+
+        # The template already holds the special tokens; add_special_tokens=False keeps a
+        # tokenizer with a BOS (Llama) from adding a second one.
+        texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m, _ in rows]
+        ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        self.items: list[PromptItem] = []
+        for (i, _, answer), text, tids in zip(rows, texts, ids):
+            if max_prompt_tokens is not None and len(tids) > max_prompt_tokens:
+                self.stats.too_long += 1
+                continue
+            self.items.append(PromptItem(i, text, list(tids), answer))
+        self.stats.kept = len(self.items)
+
+        if self.stats.bad:
+            warnings.warn(f"{self.path}: skipped {self.stats.bad} of {self.stats.rows} rows "
+                          f"({dict(self.stats.reasons)}); first: {first_bad}", stacklevel=2)
+        if self.stats.too_long:
+            warnings.warn(f"{self.path}: skipped {self.stats.too_long} prompts longer than "
+                          f"max_prompt_tokens={max_prompt_tokens}", stacklevel=2)
+        if not self.items:
+            raise ValueError(f"{self.path}: no usable prompts among {self.stats.rows} rows "
+                             f"(bad: {dict(self.stats.reasons)}, too long: {self.stats.too_long})")
+
+    @staticmethod
+    def _parse_row(row: dict, prompt_key: str, answer_key: str,
+                   system_prompt: Optional[str]) -> tuple[list[dict], str]:
+        prompt = get_field(row, prompt_key)
+        if prompt is _MISSING or prompt is None:
+            raise BadRow(f"missing prompt field {prompt_key!r} (keys: {sorted(row)})")
+        answer = get_field(row, answer_key)
+        if answer is _MISSING or answer is None:
+            raise BadRow(f"missing answer field {answer_key!r} (keys: {sorted(row)})")
+        if isinstance(answer, (dict, list)):
+            raise BadRow(f"answer field {answer_key!r} is a {type(answer).__name__}, not a scalar")
+        answer = str(answer).strip()
+        if not answer:
+            raise BadRow(f"empty answer field {answer_key!r}")
+        return to_messages(prompt, system_prompt), answer
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> PromptItem:
+        return self.items[k]
+
+
+def _reason(msg: str) -> str:
+    """A short category for counting ("line 7: invalid JSON (...)" -> "invalid JSON")."""
+    msg = re.sub(r"^line \d+: ", "", msg)
+    return re.split(r" \(|: |\{", msg, maxsplit=1)[0].strip()
+
+
+# ---------------------------------------------------------------------------------------
+# Sampler
+
+
+class PromptSampler:
+    """Endless (or `num_epochs`-long) stream of fixed-size batches over a dataset, reshuffled
+    every epoch from (seed, epoch); a batch that reaches the end of an epoch continues into
+    the next, so no prompt is dropped. `state_dict()` after a batch + `load_state_dict()`
+    resumes with exactly the batches that would have followed."""
+
+    def __init__(self, dataset: Sequence[PromptItem], batch_size: int, seed: int = 0,
+                 shuffle: bool = True, num_epochs: Optional[int] = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if len(dataset) == 0:
+            raise ValueError("PromptSampler: the dataset is empty")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.shuffle, self.num_epochs = shuffle, num_epochs
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.dataset)))
+        if self.shuffle:
+            # String seeds hash with SHA-512: stable across Python versions and processes.
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def __iter__(self) -> Iterator[list[PromptItem]]:
+        while True:
+            try:
+                yield self.next_batch()
+            except StopIteration:
+                return
+
+    def next_batch(self) -> list[PromptItem]:
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.num_epochs is not None and self.epoch >= self.num_epochs:
+                break  # the last batch of the last epoch may be short
+            batch.append(self.dataset[self._order[self.index]])
+            self.index += 1
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "size": len(self.dataset), "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] != len(self.dataset):
+            raise ValueError(f"sampler state is for a dataset of {state['size']} prompts, "
+                             f"this one has {len(self.dataset)}")
+        if not 0 <= state["index"] < state["size"]:
+            raise ValueError(f"sampler state index={state['index']} out of range [0, {state['size']})")
+        self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
+        self.shuffle = state.get("shuffle", self.shuffle)
+        self._order = self._permutation(self.epoch)
+
+
+# ---------------------------------------------------------------------------------------
+# The synthetic arithmetic task
+
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_PROBLEM = re.compile(r"What is (-?\d+) ([-+*]) (-?\d+)\?")
+
+
+def arithmetic_problems(n: int, seed: int = 0, digits: int = 2, ops: str = "+-",
+                        allow_negative: bool = False) -> list[tuple[int, str, int]]:
+    """n distinct problems (a, op, b), operands in [0, 10**digits), in a seeded order.
+    The first n problems for a given seed do not depend on n, so disjoint slices of one
+    draw (see make_arithmetic_dataset's `skip`) never share a problem."""
+    bad = set(ops) - set(_OPS)
+    if bad or not ops:
+        raise ValueError(f"ops={ops!r}: allowed characters are {''.join(_OPS)!r}")
+    m = 10 ** digits
+    space = sum(m * (m + 1) // 2 if (o == "-" and not allow_negative) else m * m for o in set(ops))
+    if n > space:
+        raise ValueError(f"n={n} exceeds the {space} distinct problems for digits={digits}, ops={ops!r}")
+    rng = random.Random(f"arith:{seed}")
+    seen: set[tuple[int, str, int]] = set()
+    out = []
+    ops_list = sorted(set(ops))
+    while len(out) < n:
+        a, op, b = rng.randrange(m), rng.choice(ops_list), rng.randrange(m)
+        if op == "-" and not allow_negative and a < b:
+            a, b = b, a
+        if (a, op, b) not in seen:
+            seen.add((a, op, b))
+            out.append((a, op, b))
+    return out
+
+
+def arithmetic_row(a: int, op: str, b: int) -> dict:
+    return {"prompt": f"What is {a} {op} {b}?", "answer": str(_OPS[op](a, b))}
+
+
+def arithmetic_solution(prompt: str) -> str:
+    r"""The SFT target for an arithmetic prompt: "37 + 58 = 95. The answer is \boxed{95}." """
+    m = _PROBLEM.search(prompt)
+    if not m:
+        raise ValueError(f"not an arithmetic prompt 'What is A op B?': {prompt!r}")
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    c = _OPS[op](a, b)
+    return f"{a} {op} {b} = {c}. The answer is \\boxed{{{c}}}."
+
+
+def make_arithmetic_dataset(path: PathLike, n: int, seed: int = 0, digits: int = 2, ops: str = "+-",
+                            allow_negative: bool = False, skip: int = 0) -> Path:
+    """Write n rows {"prompt": "What is 37 + 58?", "answer": "95"} as JSONL, deterministic.
+    Problems are positions [skip, skip + n) of the seeded draw: with one seed, files from
+    disjoint ranges never overlap (that is how train and held-out sets are made)."""
+    probs = arithmetic_problems(skip + n, seed, digits, ops, allow_negative)[skip:]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for a, op, b in probs:
+            f.write(json.dumps(arithmetic_row(a, op, b)) + "\n")
+    return path
+
+
+def make_arithmetic_splits(out_dir: PathLike, n_train: int, n_test: int, seed: int = 0,
+                           **kw: Any) -> tuple[Path, Path]:
+    """train.jsonl and test.jsonl in out_dir, disjoint by construction."""
+    out_dir = Path(out_dir)
+    train = make_arithmetic_dataset(out_dir / "train.jsonl", n_train, seed, skip=0, **kw)
+    test = make_arithmetic_dataset(out_dir / "test.jsonl", n_test, seed, skip=n_train, **kw)
+    return train, test
