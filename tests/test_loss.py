@@ -1,0 +1,300 @@
+"""tbrm_loss and grpo_loss against fp64, full-vocabulary, single-process references written
+from the formulas (one trajectory at a time), at TP=1 (in process), 2 and 4 (gloo processes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist import run_distributed
+
+from megatron_tbrm.loss import (
+    grpo_advantages,
+    grpo_loss,
+    grpo_loss_sums,
+    reduce_metrics,
+    tbrm_loss,
+    tbrm_loss_sums,
+    tbrm_residuals,
+)
+
+VOCAB = 37
+B, S = 4, 9
+BETA = 0.05  # r / beta = 20, well above V(s_1) ~ 4: residuals of both signs
+# Responses start and end at different positions (right padding after the end).
+SPANS = [(2, 9), (4, 8), (1, 5), (6, 9)]
+
+# name, logits dtype, padded vocab, chunk size, extra loss kwargs
+CASES = [
+    ("tbrm", torch.float32, 40, 7, {}),
+    ("tbrm", torch.bfloat16, 48, 5, {}),
+    ("grpo", torch.float32, 40, 7, {"aggregation": "token_mean", "kl_coef": 0.1}),
+    ("grpo", torch.bfloat16, 48, 5, {"aggregation": "seq_mean", "kl_coef": 0.0}),
+]
+
+
+def make_inputs(dtype: torch.dtype, padded: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, S, padded, generator=g, dtype=torch.float64) * 2
+    logits[..., VOCAB:] = 1.0e4  # garbage in the padding: must not leak
+    logits = logits.to(dtype)
+    mask = torch.zeros(B, S, dtype=torch.int64)
+    for i, (a, e) in enumerate(SPANS):
+        mask[i, a:e] = 1
+    labels = torch.randint(0, VOCAB, (B, S), generator=g)
+    labels = torch.where(mask.bool(), labels, torch.full_like(labels, -100))
+    # Reference and old log-probs near the current ones (theta near theta_ref), so residuals
+    # take both signs and some ratios fall outside the clip range. Off-response they are nan:
+    # they must never be read.
+    cur = torch.log_softmax(logits.double()[..., :VOCAB], -1)
+    cur = cur.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
+    nan = torch.full((B, S), float("nan"))
+    ref = torch.where(mask.bool(), cur + 0.5 * torch.randn(B, S, generator=g), nan)
+    old = torch.where(mask.bool(), cur + 0.3 * torch.randn(B, S, generator=g), nan)
+    return {
+        "logits": logits,
+        "labels": labels,
+        "loss_mask": mask,
+        "ref_logprobs": ref,
+        "old_logprobs": old,
+        "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        "advantages": torch.randn(B, generator=g),
+    }
+
+
+def tbrm_reference(inp: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    x = inp["logits"].double()[..., :VOCAB].requires_grad_()
+    deltas, v_s1s, ratio_sums = [], [], []
+    for i in range(B):
+        t_idx = inp["loss_mask"][i].nonzero().flatten().tolist()
+        v_s1 = torch.logsumexp(x[i, t_idx[0]], -1)
+        log_ratio = sum(
+            torch.log_softmax(x[i, t], -1)[inp["labels"][i, t]]
+            - inp["ref_logprobs"][i, t].double()
+            for t in t_idx
+        )
+        deltas.append(v_s1 + log_ratio - inp["rewards"][i].double() / BETA)
+        v_s1s.append(v_s1.item())
+        ratio_sums.append(log_ratio.item())
+    delta = torch.stack(deltas)
+    loss = (delta**2).mean()
+    loss.backward()
+    d = delta.detach()
+    success = inp["rewards"] > 0
+    metrics = {
+        "delta_mean": d.mean().item(),
+        "delta_std": d.std(unbiased=False).item(),
+        "v_s1_mean": sum(v_s1s) / B,
+        "log_ratio_sum_mean": sum(ratio_sums) / B,
+        "reward_mean": inp["rewards"].mean().item(),
+        "delta_success_mean": d[success].mean().item(),
+        "delta_failure_mean": d[~success].mean().item(),
+    }
+    return loss.detach(), _full_grad(x.grad, inp), metrics
+
+
+def grpo_reference(inp: dict, aggregation: str, kl_coef: float, clip_eps: float = 0.2):
+    x = inp["logits"].double()[..., :VOCAB].requires_grad_()
+    per_seq, n_tok, n_clipped, kls = [], 0, 0, []
+    for i in range(B):
+        terms = []
+        for t in inp["loss_mask"][i].nonzero().flatten().tolist():
+            logp = torch.log_softmax(x[i, t], -1)[inp["labels"][i, t]]
+            ratio = torch.exp(logp - inp["old_logprobs"][i, t].double())
+            a = inp["advantages"][i].double()
+            unclipped, clipped = -ratio * a, -torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a
+            log_r = inp["ref_logprobs"][i, t].double() - logp
+            kl = torch.exp(log_r) - log_r - 1
+            terms.append(torch.maximum(unclipped, clipped) + kl_coef * kl)
+            n_clipped += int(clipped > unclipped)
+            kls.append(kl.item())
+        n_tok += len(terms)
+        per_seq.append(torch.stack(terms))
+    if aggregation == "token_mean":
+        loss = torch.cat(per_seq).sum() / n_tok
+    else:
+        loss = torch.stack([t.mean() for t in per_seq]).mean()
+    loss.backward()
+    metrics = {"clip_fraction": n_clipped / n_tok, "kl_mean": sum(kls) / n_tok}
+    return loss.detach(), _full_grad(x.grad, inp), metrics
+
+
+def _full_grad(grad_true_vocab: torch.Tensor, inp: dict) -> torch.Tensor:
+    grad = torch.zeros(inp["logits"].shape, dtype=torch.float64)
+    grad[..., :VOCAB] = grad_true_vocab
+    return grad
+
+
+def run_case(rank: int, tp: int, case: tuple, group) -> dict:
+    name, dtype, padded, chunk, kwargs = case
+    inp = make_inputs(dtype, padded)
+    v_local = padded // tp
+    shard = inp["logits"][..., rank * v_local : (rank + 1) * v_local].clone().requires_grad_()
+    before = shard.detach().clone()
+    common = dict(vocab_size=VOCAB, tp_group=group, chunk_size=chunk)
+    if name == "tbrm":
+        loss, metrics = tbrm_loss(
+            shard, inp["labels"], inp["ref_logprobs"], inp["rewards"], inp["loss_mask"], BETA,
+            **common,
+        )
+    else:
+        loss, metrics = grpo_loss(
+            shard, inp["labels"], inp["old_logprobs"], inp["ref_logprobs"], inp["advantages"],
+            inp["loss_mask"], **kwargs, **common,
+        )
+    loss.backward()
+    return {
+        "loss": loss.detach(),
+        "metrics": metrics,
+        "grad": shard.grad,
+        "unchanged": torch.equal(shard.detach(), before),
+    }
+
+
+def _worker(rank: int, world_size: int) -> list[dict]:
+    return [run_case(rank, world_size, case, dist.group.WORLD) for case in CASES]
+
+
+@functools.cache
+def results(tp: int) -> list[list[dict]]:
+    """results(tp)[case][rank]; one spawn per TP size serves every case."""
+    if tp == 1:
+        return [[run_case(0, 1, case, None)] for case in CASES]
+    per_rank = run_distributed(_worker, tp)
+    return [[per_rank[r][c] for r in range(tp)] for c in range(len(CASES))]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize(
+    "case", range(len(CASES)), ids=lambda i: f"{CASES[i][0]}-{CASES[i][1]}-pad{CASES[i][2]}"
+)
+def test_matches_fp64_reference(tp: int, case: int) -> None:
+    name, dtype, padded, _, kwargs = CASES[case]
+    inp = make_inputs(dtype, padded)
+    if name == "tbrm":
+        loss_ref, grad_ref, metrics_ref = tbrm_reference(inp)
+    else:
+        loss_ref, grad_ref, metrics_ref = grpo_reference(
+            inp, kwargs["aggregation"], kwargs["kl_coef"]
+        )
+    ranks = results(tp)[case]
+    for r in ranks:
+        assert r["loss"].dtype == torch.float32
+        torch.testing.assert_close(r["loss"].double(), loss_ref, rtol=2e-6, atol=1e-6)
+        for key, want in metrics_ref.items():
+            assert r["metrics"][key] == pytest.approx(want, rel=1e-5, abs=1e-5), key
+        assert r["unchanged"], "the caller's logits were modified"
+    grad = torch.cat([r["grad"] for r in ranks], dim=-1)
+    assert grad.dtype == dtype
+    assert torch.all(grad[..., VOCAB:] == 0), "padding columns got a gradient"
+    tol = dict(rtol=1e-2, atol=1e-4) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad_ref, **tol)
+
+
+def _split(inp: dict, rows: slice) -> dict:
+    return {k: v[rows] for k, v in inp.items()}
+
+
+def test_tbrm_micro_batch_sums_give_the_global_mean() -> None:
+    """Summing (loss_sum, n, metric pairs) over micro-batches of 1 and 3 rows = whole batch."""
+    inp = make_inputs(torch.float32, 40)
+    def args(d: dict) -> tuple:
+        return d["logits"], d["labels"], d["ref_logprobs"], d["rewards"], d["loss_mask"], BETA
+
+    parts = [
+        tbrm_loss_sums(*args(_split(inp, s)), vocab_size=VOCAB) for s in (slice(0, 1), slice(1, 4))
+    ]
+    total = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+    pairs = {k: sum(p[2][k] for p in parts) for k in parts[0][2]}
+    loss, metrics = tbrm_loss(*args(inp), vocab_size=VOCAB)
+    torch.testing.assert_close(total, loss)
+    assert reduce_metrics(pairs) == pytest.approx(metrics, rel=1e-6)
+    # The first micro-batch (one success) has no failure: that mean is nan, not an error.
+    assert math.isnan(reduce_metrics(parts[0][2])["delta_failure_mean"])
+    d = tbrm_residuals(*args(inp), vocab_size=VOCAB)
+    torch.testing.assert_close((d**2).mean(), loss)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+def test_grpo_micro_batch_sums_give_the_global_mean(aggregation: str) -> None:
+    inp = make_inputs(torch.float32, 40)
+    def args(d: dict) -> tuple:
+        keys = ("logits", "labels", "old_logprobs", "ref_logprobs", "advantages", "loss_mask")
+        return tuple(d[k] for k in keys)
+
+    kw = dict(aggregation=aggregation, kl_coef=0.1, vocab_size=VOCAB)
+    parts = [grpo_loss_sums(*args(_split(inp, s)), **kw) for s in (slice(0, 1), slice(1, 4))]
+    total = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+    loss, _ = grpo_loss(*args(inp), **kw)
+    torch.testing.assert_close(total, loss)
+    want = int(inp["loss_mask"].sum()) if aggregation == "token_mean" else B
+    assert int(sum(p[1] for p in parts)) == want
+
+
+def test_grpo_advantages() -> None:
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = grpo_advantages(r, group_size=4)
+    g0 = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    want0 = (g0 - 0.25) / (math.sqrt(((g0 - 0.25) ** 2).sum().item() / 3) + 1e-6)
+    torch.testing.assert_close(adv[:4], want0)
+    assert torch.all(adv[4:] == 0)  # all-correct group: no signal
+    torch.testing.assert_close(grpo_advantages(r, 4, normalize_std=False)[:4], g0 - 0.25)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda d: d.update(ref_logprobs=d["ref_logprobs"][:, 1:]), "ref_logprobs has shape"),
+        (lambda d: d.update(rewards=d["rewards"][:3]), "rewards has shape"),
+        (lambda d: d.update(labels=d["labels"][:3]), "labels has shape"),
+        (lambda d: d.update(loss_mask=d["loss_mask"][:, :4]), "loss_mask has shape"),
+        (lambda d: d["loss_mask"].__setitem__(2, 0), r"no response token in row\(s\) \[2\]"),
+        (lambda d: d["loss_mask"].__setitem__((0, 0), 2), "only 0 and 1"),
+        (lambda d: d["labels"].__setitem__((0, 4), VOCAB), "labels out of range"),
+        (lambda d: d["rewards"].__setitem__(1, float("nan")), "rewards has 1 non-finite"),
+        (lambda d: d["rewards"].__setitem__(1, float("inf")), "rewards has 1 non-finite"),
+        (lambda d: d["ref_logprobs"].__setitem__((0, 3), float("nan")), "ref_logprobs has 1"),
+        (lambda d: d.update(beta=0.0), "beta"),
+        (lambda d: d["logits"].__setitem__((1, 5, 3), float("inf")), "logits"),
+    ],
+)
+def test_tbrm_bad_input(change, match: str) -> None:
+    d = make_inputs(torch.float32, 40) | {"beta": BETA}
+    change(d)
+    with pytest.raises(ValueError, match=match):
+        tbrm_loss(
+            d["logits"], d["labels"], d["ref_logprobs"], d["rewards"], d["loss_mask"], d["beta"],
+            vocab_size=VOCAB,
+        )
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda d: d.update(aggregation="sum"), "aggregation"),
+        (lambda d: d.update(ref_logprobs=None, kl_coef=0.1), "kl_coef"),
+        (lambda d: d["advantages"].__setitem__(0, float("nan")), "advantages"),
+        (lambda d: d["old_logprobs"].__setitem__((0, 2), float("nan")), "old_logprobs"),
+        (lambda d: d.update(advantages=d["advantages"][:2]), "advantages has shape"),
+        (lambda d: d["loss_mask"].__setitem__(0, 0), "no response token"),
+    ],
+)
+def test_grpo_bad_input(change, match: str) -> None:
+    d = make_inputs(torch.float32, 40) | {"aggregation": "token_mean", "kl_coef": 0.0}
+    change(d)
+    with pytest.raises(ValueError, match=match):
+        grpo_loss(
+            d["logits"], d["labels"], d["old_logprobs"], d["ref_logprobs"], d["advantages"],
+            d["loss_mask"], kl_coef=d["kl_coef"], aggregation=d["aggregation"], vocab_size=VOCAB,
+        )
+
+
+def test_grpo_advantages_bad_input() -> None:
+    with pytest.raises(ValueError, match="group_size"):
+        grpo_advantages(torch.zeros(6), group_size=4)
+    with pytest.raises(ValueError, match="rewards"):
+        grpo_advantages(torch.tensor([0.0, float("nan")]), group_size=2)
