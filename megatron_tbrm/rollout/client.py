@@ -1,0 +1,208 @@
+"""Rollout client: prompts (token ids) -> trajectories from a vLLM server.
+
+Prompts go to /v1/completions as token ids and the response token ids come back from the
+server (`return_token_ids`), so nothing is re-tokenised: the trainer scores exactly the
+tokens the sampler produced. Each sampled token's log-prob comes with it (`logprobs: 0`):
+these are vLLM's raw log-probs (temperature 1, before top-p), the quantity the trainer's
+log pi is compared with (see logprob_gap in weight_sync.py).
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import requests
+from tqdm.auto import tqdm
+
+from megatron_tbrm.rollout.server import RolloutServerError
+
+if TYPE_CHECKING:
+    from megatron_tbrm.rollout.server import VLLMServer
+
+
+@dataclass
+class Trajectory:
+    prompt_index: int  # position in the prompts passed to generate()
+    sample_index: int  # 0..n-1 among the samples of that prompt
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    response_logprobs: list[float]  # sampler's log-prob of each response token
+    finish_reason: str  # "stop" (EOS / stop string) or "length"
+    text: str  # the server's detokenisation, for logs and rewards; ids are the truth
+
+
+class _Transient(Exception):
+    """A failure worth retrying (connection reset, timeout, 5xx, 429)."""
+
+
+class RolloutClient:
+    """Bounded-concurrency client for one vLLM server.
+
+    `timeout` bounds every request (seconds to read the whole answer), so a hung server
+    surfaces as an error. Transient failures are retried `retries` times with exponential
+    backoff; if the client knows the `server` object and its process is dead, it fails at
+    once with the server's log tail.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model_name: str,
+        max_concurrency: int = 16,
+        timeout: float = 600.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        server: "VLLMServer | None" = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.model_name = model_name
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.server = server
+        self._local = threading.local()
+
+    @classmethod
+    def for_server(cls, server: "VLLMServer", **kwargs: Any) -> "RolloutClient":
+        return cls(server.url, server.model_name, server=server, **kwargs)
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompts_token_ids: Sequence[Sequence[int]],
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+        extra: dict[str, Any] | None = None,
+    ) -> list[Trajectory]:
+        """Sample `n` responses per prompt. Returns len(prompts) * n trajectories ordered
+        by (prompt_index, sample_index). With `seed`, prompt i uses seed + i * n (vLLM
+        seeds sample j of a request with seed + j), so results are reproducible and no two
+        samples share a seed. `extra` is merged into each request body (e.g. stop_token_ids)."""
+        def body(i: int, ids: Sequence[int]) -> dict[str, Any]:
+            b = {
+                "model": self.model_name,
+                "prompt": [int(t) for t in ids],
+                "n": n,
+                "temperature": temperature,
+                "top_p": top_p,
+                "max_tokens": max_tokens,
+                "logprobs": 0,  # log-prob of the sampled token only
+                "return_token_ids": True,
+                "skip_special_tokens": False,
+            }
+            if stop:
+                b["stop"] = stop
+            if seed is not None:
+                b["seed"] = seed + i * n
+            return b | (extra or {})
+
+        def one(i: int) -> list[Trajectory]:
+            out = self._post("/v1/completions", body(i, prompts_token_ids[i]))
+            trajs = []
+            for c in sorted(out["choices"], key=lambda c: c["index"]):
+                logprobs = c["logprobs"]["token_logprobs"] if c.get("logprobs") else []
+                trajs.append(Trajectory(
+                    prompt_index=i,
+                    sample_index=c["index"],
+                    prompt_token_ids=list(c.get("prompt_token_ids") or prompts_token_ids[i]),
+                    response_token_ids=list(c["token_ids"]),
+                    response_logprobs=[float(x) for x in logprobs],
+                    finish_reason=c["finish_reason"],
+                    text=c["text"],
+                ))
+            return trajs
+
+        results = self._map(one, len(prompts_token_ids), desc="rollout", progress=progress)
+        return [t for trajs in results for t in trajs]
+
+    def score_logprobs(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:
+        """The server's log-probs of a FIXED response after `prompt_ids` (one per response
+        token), via prompt_logprobs over prompt+response; used to check that the server
+        holds the trainer's weights."""
+        return self.score_logprobs_batch([(prompt_ids, response_ids)], progress=False)[0]
+
+    def score_logprobs_batch(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                             progress: bool = True) -> list[list[float]]:
+        def one(i: int) -> list[float]:
+            prompt, response = list(pairs[i][0]), list(pairs[i][1])
+            ids = [int(t) for t in prompt + response]
+            out = self._post("/v1/completions", {
+                "model": self.model_name, "prompt": ids, "max_tokens": 1,
+                "prompt_logprobs": 0, "temperature": 1.0, "return_token_ids": True,
+            })
+            entries = out["choices"][0]["prompt_logprobs"]  # entry k: logprob of ids[k] | ids[:k]
+            return [float(entries[k][str(ids[k])]["logprob"]) for k in range(len(prompt), len(ids))]
+
+        return self._map(one, len(pairs), desc="score", progress=progress)
+
+    # ------------------------------------------------------------------ plumbing
+    def _map(self, fn, count: int, desc: str, progress: bool) -> list[Any]:
+        """fn(i) for i in range(count) on a bounded pool; the first error cancels the rest."""
+        results: list[Any] = [None] * count
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, count)))
+        ok = False
+        try:
+            with tqdm(total=count, desc=desc, disable=not progress, leave=False) as bar:
+                futures = {pool.submit(fn, i): i for i in range(count)}
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for f in done:
+                        if f.exception() is not None:
+                            raise f.exception()
+                        results[futures[f]] = f.result()
+                        bar.update(1)
+            ok = True
+        finally:
+            # On error do not wait for requests still in flight (a hung server would hang
+            # us too); their threads end at their own timeout.
+            pool.shutdown(wait=ok, cancel_futures=not ok)
+        return results
+
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:  # requests.Session is not thread-safe: one per worker thread
+            s = self._local.session = requests.Session()
+        return s
+
+    def _describe(self) -> str:
+        return self.server.describe() if self.server is not None else f"vLLM server at {self.base_url}"
+
+    def _fail(self, what: str) -> RolloutServerError:
+        if self.server is not None:
+            return self.server.error(what)
+        return RolloutServerError(f"{self._describe()} {what}")
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        url = f"{self.base_url}{path}"
+        last = ""
+        for attempt in range(self.retries + 1):
+            try:
+                try:
+                    r = self._session().post(url, json=body, timeout=(10.0, self.timeout))
+                except requests.Timeout as e:
+                    raise _Transient(f"timed out after {self.timeout:.0f} s ({e.__class__.__name__})") from e
+                except requests.ConnectionError as e:
+                    raise _Transient(f"connection failed: {e}") from e
+                if r.status_code == 200:
+                    return r.json()
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise _Transient(f"HTTP {r.status_code}: {r.text[:500]}")
+                raise self._fail(f"rejected POST {path} with HTTP {r.status_code}: {r.text[:2000]}")
+            except _Transient as e:
+                last = str(e)
+                if self.server is not None and not self.server.alive():
+                    raise self._fail(f"died during POST {path} ({last})") from None
+                if attempt < self.retries:
+                    time.sleep(self.backoff_s * 2 ** attempt * (1 + random.random()))
+        raise self._fail(f"failed POST {path} after {self.retries + 1} attempts: {last}")

@@ -1,0 +1,394 @@
+"""The vLLM OpenAI-compatible server process used for rollouts.
+
+`VLLMServer` starts one `vllm.entrypoints.openai.api_server` process for a model folder and
+owns it: its own process group (so stop() also reaches the engine-core and worker processes
+vLLM spawns), a log file, a health wait that notices a dead process, and cleanup on atexit,
+on SIGTERM/SIGHUP of the owner and - through PR_SET_PDEATHSIG - on SIGKILL of the owner.
+`VLLMServer.attach(url)` wraps a server someone else runs (e.g. on another node).
+
+The dev endpoints (/collective_rpc, /pause, /resume, /reset_prefix_cache) are enabled with
+VLLM_SERVER_DEV_MODE=1 and wrapped here, since weight sync drives them.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+
+WORKER_EXTENSION = "megatron_tbrm.rollout.worker_extension.WeightReceiver"
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])  # folder holding megatron_tbrm/
+_PR_SET_PDEATHSIG = 1
+
+
+class RolloutServerError(RuntimeError):
+    """The rollout server failed: did not start, died, or answered with an error."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on (host, port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR as uvicorn sets it: a socket in TIME_WAIT does not count as in use.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _cli_args(extra: list[str] | dict[str, Any] | None) -> list[str]:
+    """Extra vLLM CLI args: a list is passed as is; a dict maps "flag" -> value, where
+    True means a bare flag and False/None leave the flag out."""
+    if extra is None:
+        return []
+    if isinstance(extra, (list, tuple)):
+        return [str(a) for a in extra]
+    out: list[str] = []
+    for key, value in extra.items():
+        flag = key if key.startswith("--") else "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not None and value is not False:
+            out += [flag, str(value)]
+    return out
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """preexec_fn: ask the kernel to SIGTERM the server when the owner dies, even by
+    SIGKILL. SIGTERM (not SIGKILL) lets vLLM's API server take its engine processes down.
+    Note: the kernel tracks the *thread* that forked, so start servers from a thread that
+    lives as long as the server (normally the main thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # owner died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# Servers this process owns, stopped on SIGTERM/SIGHUP and at exit.
+_LIVE: "weakref.WeakSet[VLLMServer]" = weakref.WeakSet()
+_handlers_installed = False
+
+
+def _stop_all() -> None:
+    for server in list(_LIVE):
+        server.stop()
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM/SIGHUP kill Python without running atexit: stop our servers first, then hand
+    the signal to whatever handled it before. SIGINT is left alone: it raises
+    KeyboardInterrupt, and interpreter exit runs atexit (an interrupted notebook cell must
+    not kill the server)."""
+    global _handlers_installed
+    if _handlers_installed or threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous = signal.getsignal(signum)
+
+        def handler(sig, frame, previous=previous):
+            _stop_all()
+            if callable(previous):
+                previous(sig, frame)
+            elif previous != signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
+                os.kill(os.getpid(), sig)
+
+        signal.signal(signum, handler)
+    atexit.register(_stop_all)
+    _handlers_installed = True
+
+
+class VLLMServer:
+    """A vLLM OpenAI-compatible server for `model` (an HF folder), started by start().
+
+    Use as a context manager, or call start()/wait_healthy()/stop(). port=0/None picks a
+    free port. `kv_cache_bytes` maps to --kv-cache-memory-bytes (needed on CPU, where there
+    is no GPU memory to size the cache from). `extra_args` go to the vLLM CLI verbatim
+    (list) or as {"flag": value} (dict).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        kv_cache_bytes: int | None = None,
+        max_num_seqs: int | None = None,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+        served_model_name: str | None = None,
+        enforce_eager: bool | None = None,
+        extra_args: list[str] | dict[str, Any] | None = None,
+        work_dir: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+        stop_grace_s: float = 10.0,
+    ):
+        self.model = str(model)
+        self.host = host
+        self.port = port or free_port(host)
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.kv_cache_bytes = kv_cache_bytes
+        self.max_num_seqs = max_num_seqs
+        self.tensor_parallel_size = tensor_parallel_size
+        self.seed = seed
+        self.model_name = served_model_name or self.model
+        self.enforce_eager = enforce_eager
+        self.extra_args = extra_args
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="vllm-server-"))
+        self.log_path = self.work_dir / "server.log"
+        self.env = env or {}
+        self.stop_grace_s = stop_grace_s
+        self.proc: subprocess.Popen | None = None
+        self._owned = True
+        self._log_file = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def attach(cls, url: str, model_name: str | None = None, timeout: float = 10.0) -> "VLLMServer":
+        """Use a server already running at `url` (started elsewhere); stop() leaves it alone."""
+        self = cls.__new__(cls)
+        url = url.rstrip("/")
+        host_port = url.split("://", 1)[-1].split("/", 1)[0]
+        self.host, _, port = host_port.rpartition(":")
+        self.port = int(port)
+        self._url = url
+        self.proc, self._owned, self._log_file = None, False, None
+        self.log_path = None
+        self.model = model_name or "?"
+        self.model_name = self.model
+        self.stop_grace_s = 0.0
+        if model_name is None:
+            try:
+                models = requests.get(f"{url}/v1/models", timeout=timeout).json()["data"]
+            except (requests.RequestException, ValueError, KeyError) as e:
+                raise RolloutServerError(f"cannot reach the vLLM server at {url}: {e}") from e
+            self.model = self.model_name = models[0]["id"]
+        return self
+
+    @property
+    def url(self) -> str:
+        return getattr(self, "_url", None) or f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        enforce_eager = self.enforce_eager
+        if enforce_eager is None:  # CUDA graphs are a GPU feature; eager is what CPU runs
+            import torch
+
+            enforce_eager = not torch.cuda.is_available()
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model,
+            "--served-model-name", self.model_name,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--dtype", self.dtype,
+            "--tensor-parallel-size", str(self.tensor_parallel_size),
+            "--seed", str(self.seed),
+            "--worker-extension-cls", WORKER_EXTENSION,
+        ]
+        if self.max_model_len:
+            cmd += ["--max-model-len", str(self.max_model_len)]
+        if self.kv_cache_bytes:
+            cmd += ["--kv-cache-memory-bytes", str(self.kv_cache_bytes)]
+        if self.max_num_seqs:
+            cmd += ["--max-num-seqs", str(self.max_num_seqs)]
+        if enforce_eager:
+            cmd.append("--enforce-eager")
+        return cmd + _cli_args(self.extra_args)
+
+    def start(self) -> "VLLMServer":
+        """Start the server process (returns at once; see wait_healthy)."""
+        if not self._owned:
+            raise RolloutServerError(f"{self.describe()} is attached, not owned: it cannot be started here")
+        if self.proc is not None:
+            return self
+        if port_in_use(self.host, self.port):
+            raise RolloutServerError(f"port {self.port} on {self.host} is already in use")
+        tmp = self.work_dir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            VLLM_SERVER_DEV_MODE="1",  # /collective_rpc, /pause, /resume, /reset_prefix_cache
+            PYTHONPATH=os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p),
+            TMPDIR=str(tmp),  # vLLM's ZMQ sockets
+            VLLM_CACHE_ROOT=str(self.work_dir / "cache"),
+        )
+        env.update(self.env)
+        self._log_file = open(self.log_path, "ab")
+        _install_signal_handlers()
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # own process group: stop() reaches vLLM's children
+            preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent),
+        )
+        _LIVE.add(self)
+        return self
+
+    def wait_healthy(self, timeout: float = 300.0) -> "VLLMServer":
+        """Poll /health until it answers 200; raise RolloutServerError if the process dies
+        or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise self.error(f"exited with code {self.proc.returncode} while starting")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise self.error(f"was not healthy after {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def alive(self) -> bool:
+        """Owned: the process runs. Attached: /health answers."""
+        if self.proc is not None:
+            return self.proc.poll() is None
+        if self._owned:
+            return False
+        try:
+            return requests.get(f"{self.url}/health", timeout=2.0).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        """Kill the whole process group: SIGTERM, then SIGKILL after the grace period.
+        Idempotent; does nothing for an attached server."""
+        proc, self.proc = self.proc, None
+        _LIVE.discard(self)
+        if proc is not None:
+            try:
+                pgid = os.getpgid(proc.pid)
+            except ProcessLookupError:
+                pgid = proc.pid  # leader gone; the group id is still its pid
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+            # The leader may exit before its children do, and SIGKILL'd leaders leave
+            # orphans: wait for the group to empty, then SIGKILL what is left.
+            deadline = time.monotonic() + self.stop_grace_s
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            _signal_group(pgid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start().wait_healthy()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __del__(self):
+        try:
+            self.stop()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ errors
+    def describe(self) -> str:
+        return f"vLLM server at {self.url} (model {self.model})"
+
+    def log_tail(self, lines: int = 50) -> str:
+        if not self.log_path or not Path(self.log_path).exists():
+            return "(no log: attached server)" if not self._owned else "(no log yet)"
+        with open(self.log_path, "rb") as f:
+            tail = deque(f, maxlen=lines)
+        return b"".join(tail).decode("utf-8", "replace")
+
+    def error(self, what: str) -> RolloutServerError:
+        """A RolloutServerError naming this server, with its log tail when we own it."""
+        msg = f"{self.describe()} {what}"
+        if self.log_path:
+            msg += f"\n--- last lines of {self.log_path} ---\n{self.log_tail()}"
+        return RolloutServerError(msg)
+
+    # ------------------------------------------------------------------ dev endpoints
+    def post(self, path: str, json: Any = None, params: dict | None = None, timeout: float = 600.0) -> Any:
+        """POST to an admin endpoint; errors name the server and the endpoint."""
+        try:
+            r = requests.post(f"{self.url}{path}", json=json, params=params, timeout=(10.0, timeout))
+        except requests.RequestException as e:
+            raise self.error(f"failed on POST {path}: {e!r}" + ("" if self.alive() else " (server process is dead)")) from e
+        if r.status_code != 200:
+            raise self.error(f"answered POST {path} with HTTP {r.status_code}: {r.text[:2000]}")
+        return r.json() if r.content else None
+
+    def collective_rpc(self, method: str, args: list | tuple = (), kwargs: dict | None = None,
+                       timeout: float = 600.0) -> list[Any]:
+        """Call `method` on every vLLM worker; returns one result per worker."""
+        body = {"method": method, "args": list(args), "kwargs": kwargs or {}, "timeout": timeout}
+        out = self.post("/collective_rpc", json=body, timeout=timeout + 30)
+        return [] if out is None else out["results"]
+
+    def pause(self, mode: str = "wait") -> None:
+        """Stop scheduling: "wait" lets running requests finish, "abort" aborts them,
+        "keep" freezes them until resume()."""
+        self.post("/pause", params={"mode": mode})
+
+    def resume(self) -> None:
+        self.post("/resume")
+
+    def reset_prefix_cache(self) -> bool:
+        return bool(self.post("/reset_prefix_cache")["success"])
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`."""
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                members.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def _group_alive(pgid: int) -> bool:
+    return bool(group_members(pgid))

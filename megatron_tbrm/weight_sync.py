@@ -1,0 +1,221 @@
+"""Push the trainer's weights into the running vLLM server, and measure how far they agree.
+
+`WeightSync.push(named_tensors)` takes HF-named, HF-shaped (unpadded vocab) full tensors -
+what `hf_mapping.export_hf_weights` yields on rank 0 - and loads them into the server's
+workers through the WeightReceiver extension, in buckets of about `bucket_bytes`:
+
+    /pause -> begin_update -> bucket 1..k -> finish_update -> /reset_prefix_cache -> /resume
+
+Transports: "http" (safetensors bytes, base64 in the /collective_rpc JSON body: works
+everywhere, incl. a server on another node), "shm" (a safetensors file in /dev/shm: same
+host only, skips base64 and JSON), "nccl" (GPU only: broadcast from the trainer into the
+worker's NCCL group; call init_nccl() once first). Only rank 0 calls push().
+
+`logprob_gap` is the train/rollout consistency metric to log every step.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from megatron_tbrm.rollout.server import RolloutServerError, VLLMServer
+
+TRANSPORTS = ("http", "shm", "nccl")
+
+
+def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+            ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group tensors in order into lists of about `bucket_bytes` (a bigger tensor goes
+    alone). Order is kept so that the pieces of one vLLM module arrive close together."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in named_tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _cpu_tensors(bucket: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that each own their storage (safetensors refuses shared or
+    partial storage, e.g. tied embeddings or slices of a flat buffer)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in bucket:
+        t = t.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+class WeightSync:
+    """Loads trainer weights into `server`'s workers. See the module docstring.
+
+    pause_mode: what /pause does to requests in flight - "wait" lets them finish on the old
+    weights (default), "abort" drops them, "keep" freezes them and continues them on the new
+    weights. strict: raise if some vLLM parameter received nothing (a naming bug would
+    otherwise leave stale weights in the sampler silently).
+    """
+
+    def __init__(self, server: VLLMServer, transport: str = "http", bucket_bytes: int = 128 * 2**20,
+                 shm_dir: str = "/dev/shm", pause_mode: str = "wait", strict: bool = True,
+                 rpc_timeout: float = 600.0):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"WeightSync transport={transport!r}: must be one of {TRANSPORTS}")
+        self.server = server
+        self.transport = transport
+        self.bucket_bytes = int(bucket_bytes)
+        self.shm_dir = shm_dir
+        self.pause_mode = pause_mode
+        self.strict = strict
+        self.rpc_timeout = rpc_timeout
+        self._nccl = None  # trainer side PyNcclCommunicator (rank 0)
+        self._nccl_device: torch.device | None = None
+
+    # ------------------------------------------------------------------ NCCL setup
+    def init_nccl(self, master_address: str, master_port: int, device: torch.device | int | None = None) -> None:
+        """Create the trainer<->workers NCCL group (trainer = rank 0, workers 1..W). Both
+        sides must join at once, so the workers' rpc runs in a thread while we join here."""
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        workers = len(self.server.collective_rpc("worker_info"))
+        world_size = 1 + workers
+        with ThreadPoolExecutor(1) as pool:
+            remote = pool.submit(self.server.collective_rpc, "init_weight_update_group",
+                                 kwargs=dict(master_address=master_address, master_port=master_port,
+                                             rank_offset=1, world_size=world_size),
+                                 timeout=self.rpc_timeout)
+            group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0,
+                                                 world_size=world_size)
+            self._nccl_device = torch.device("cuda", torch.cuda.current_device()) if device is None \
+                else torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+            self._nccl = PyNcclCommunicator(group, device=self._nccl_device)
+            remote.result()
+
+    # ------------------------------------------------------------------ push
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+        """Load the named tensors into the server; returns metrics (duration_s, bytes,
+        buckets, tensors, gbps). Generation is paused meanwhile."""
+        if self.transport == "nccl" and self._nccl is None:
+            raise RuntimeError("WeightSync(transport='nccl'): call init_nccl() before push()")
+        t0 = time.perf_counter()
+        stats = {"bytes": 0, "buckets": 0, "tensors": 0}
+        server = self.server
+        cleanup: list[str] = []  # shm files to remove whatever happens
+        server.pause(self.pause_mode)
+        try:
+            server.collective_rpc("begin_update", timeout=self.rpc_timeout)
+            # One rpc in flight while the next bucket is serialised.
+            with ThreadPoolExecutor(1) as rpc:
+                inflight: Future | None = None
+                for bucket in buckets(named_tensors, self.bucket_bytes):
+                    send = self._prepare(bucket, cleanup)
+                    if inflight is not None:
+                        inflight.result()
+                    inflight = rpc.submit(send)
+                    stats["buckets"] += 1
+                    stats["tensors"] += len(bucket)
+                    stats["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
+                    if self.transport == "nccl":  # the rpc blocks in broadcast until we send
+                        self._broadcast(bucket)
+                if inflight is not None:
+                    inflight.result()
+            report = server.collective_rpc("finish_update", timeout=self.rpc_timeout)
+        except BaseException as e:
+            self._recover()
+            if isinstance(e, RolloutServerError):
+                raise RolloutServerError(
+                    f"weight sync failed after {stats['buckets']} bucket(s); the server's weights "
+                    f"may be partly updated: {e}") from e
+            raise
+        finally:
+            for path in cleanup:
+                _unlink(path)
+        server.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        server.resume()
+        stats["duration_s"] = time.perf_counter() - t0
+        stats["gbps"] = stats["bytes"] / 1e9 / max(stats["duration_s"], 1e-9)
+        not_updated = sorted({n for r in report for n in (r or {}).get("not_updated", [])})
+        stats["not_updated"] = not_updated
+        if self.strict and not_updated:
+            raise RolloutServerError(
+                f"weight sync to {server.describe()} left {len(not_updated)} vLLM parameter(s) "
+                f"without new values (names not matching the HF checkpoint?): {not_updated[:20]}")
+        return stats
+
+    def _prepare(self, bucket: list[tuple[str, torch.Tensor]], cleanup: list[str]):
+        """Serialise one bucket; returns the call that ships it."""
+        rpc, timeout = self.server.collective_rpc, self.rpc_timeout
+        if self.transport == "http":
+            from safetensors.torch import save
+
+            data = base64.b64encode(save(_cpu_tensors(bucket))).decode("ascii")
+            return lambda: rpc("receive_bucket", args=[data], timeout=timeout)
+        if self.transport == "shm":
+            from safetensors.torch import save_file
+
+            path = os.path.join(self.shm_dir, f"tbrm-weights-{uuid.uuid4().hex}.safetensors")
+            cleanup.append(path)
+            save_file(_cpu_tensors(bucket), path)
+
+            def send():
+                try:
+                    return rpc("receive_bucket_file", args=[path], timeout=timeout)
+                finally:
+                    _unlink(path)
+            return send
+        meta = dict(names=[n for n, _ in bucket],
+                    dtypes=[str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                    shapes=[list(t.shape) for _, t in bucket])
+        return lambda: rpc("receive_weights_nccl", kwargs=meta, timeout=timeout)
+
+    def _broadcast(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        stream = torch.cuda.current_stream()
+        for _, t in bucket:
+            self._nccl.broadcast(t.detach().to(self._nccl_device).contiguous(), src=0, stream=stream)
+        stream.synchronize()
+
+    def _recover(self) -> None:
+        """Best effort after a failed push: close the worker's session (untouched modules get
+        their old tensors back) and let generation run again."""
+        for call in (lambda: self.server.collective_rpc("finish_update", timeout=60),
+                     self.server.reset_prefix_cache, self.server.resume):
+            try:
+                call()
+            except Exception:
+                pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def logprob_gap(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean |sampler - trainer| log-prob over response tokens (mask != 0): how far the
+    rollout policy is from the policy the trainer thinks it sampled from (stale or broken
+    weight sync, precision, kernels). Shapes [batch, seq]; computed in fp64."""
+    if sampler_logprobs.shape != trainer_logprobs.shape or sampler_logprobs.shape != mask.shape:
+        raise ValueError(f"logprob_gap: shapes differ: sampler {tuple(sampler_logprobs.shape)}, "
+                         f"trainer {tuple(trainer_logprobs.shape)}, mask {tuple(mask.shape)}")
+    keep = mask.bool()
+    diff = (sampler_logprobs.to(torch.float64) - trainer_logprobs.to(torch.float64)).abs()
+    diff = torch.where(keep, diff, 0.0)  # padding may hold -inf/nan: select, don't multiply
+    return float(diff.sum() / keep.sum().clamp_min(1))

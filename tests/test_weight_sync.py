@@ -1,0 +1,131 @@
+"""Weight sync into a real vLLM CPU server, checked against an independent reference:
+transformers' float32 forward of the same perturbed weights on the same tokens."""
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+import torch
+
+from megatron_tbrm.rollout import RolloutClient, RolloutServerError, VLLMServer
+from megatron_tbrm.rollout.server import free_port, group_members
+from megatron_tbrm.weight_sync import WeightSync, buckets, logprob_gap
+
+PROMPT = [5, 17, 33, 101, 250, 7, 64, 300]
+RESPONSE = [12, 99, 140, 3, 77, 210, 45, 8, 400, 31]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    s = VLLMServer(tiny_model_dir, dtype="float32", max_model_len=512, kv_cache_bytes=128 * 2**20,
+                   max_num_seqs=8, seed=0, work_dir=tmp_path_factory.mktemp("vllm-sync"))
+    s.start()
+    try:
+        s.wait_healthy(timeout=300)
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return RolloutClient.for_server(server, timeout=120, retries=1)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """Reference: log_softmax of transformers' logits at the positions predicting `response`."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0].to(torch.float64)
+    logp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+    return logp.gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
+@torch.no_grad()
+def perturb(model, seed: int, scale: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_buckets_split_by_size():
+    ts = [(f"t{i}", torch.zeros(10)) for i in range(5)]  # 40 bytes each
+    assert [len(b) for b in buckets(ts, 100)] == [2, 2, 1]
+    assert [len(b) for b in buckets([("big", torch.zeros(100))] + ts[:1], 100)] == [1, 1]
+
+
+def test_logprob_gap_is_masked_mean_abs_diff():
+    a = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, -0.5, -0.5]])
+    b = torch.tensor([[-1.5, -1.0, 0.0], [-0.5, -0.25, -9.0]])
+    m = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    assert logprob_gap(a, b, m) == pytest.approx((0.5 + 1.0 + 0.0 + 0.25) / 4)
+    with pytest.raises(ValueError, match="shapes differ"):
+        logprob_gap(a, b[:, :2], m)
+
+
+@pytest.mark.parametrize("transport,seed", [("http", 1), ("shm", 2)])
+def test_sync_matches_transformers(server, client, hf_model, transport, seed):
+    before = torch.tensor(client.score_logprobs(PROMPT, RESPONSE), dtype=torch.float64)
+    perturb(hf_model, seed)
+    ref = hf_logprobs(hf_model, PROMPT, RESPONSE)
+    # 32 KiB buckets: every weight matrix alone, so q/k/v_proj (fused into qkv_proj in vLLM)
+    # and gate/up_proj arrive in different buckets.
+    sync = WeightSync(server, transport=transport, bucket_bytes=32 * 2**10)
+    metrics = sync.push(hf_model.state_dict().items())
+    assert metrics["buckets"] > 10 and metrics["bytes"] > 0 and metrics["duration_s"] > 0
+    assert metrics["not_updated"] == []
+    after = torch.tensor(client.score_logprobs(PROMPT, RESPONSE), dtype=torch.float64)
+    assert (after - ref).abs().max() < 1e-4, (after - ref).abs().max()
+    assert (after - before).abs().max() > 0.05  # the sync changed something visible
+
+
+def test_sampler_logprobs_follow_synced_weights(server, client, hf_model):
+    """What the trainer logs each step: sampled tokens' log-probs vs its own, after a sync."""
+    trajs = client.generate([PROMPT, PROMPT[:4]], n=2, max_tokens=12, seed=3, progress=False,
+                            extra={"ignore_eos": True})
+    for t in trajs:
+        ref = hf_logprobs(hf_model, t.prompt_token_ids, t.response_token_ids)
+        got = torch.tensor(t.response_logprobs, dtype=torch.float64)
+        assert logprob_gap(got[None], ref[None], torch.ones(1, len(ref))) < 1e-4
+
+
+def test_missing_and_unknown_names_are_reported(server, client, hf_model):
+    state = hf_model.state_dict()
+    sync = WeightSync(server, transport="http")
+    only_norm = [(k, v) for k, v in state.items() if k == "model.norm.weight"]
+    with pytest.raises(RolloutServerError, match="without new values.*qkv_proj"):
+        sync.push(only_norm)
+    with pytest.raises(RolloutServerError, match="weight sync failed"):
+        sync.push([("model.layers.0.no_such_module.weight", torch.zeros(4))])
+    # The server still serves the last good weights after the failures.
+    got = torch.tensor(client.score_logprobs(PROMPT, RESPONSE), dtype=torch.float64)
+    assert (got - hf_logprobs(hf_model, PROMPT, RESPONSE)).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL transport needs CUDA (GPU-only test)")
+def test_nccl_sync_matches_transformers(server, client, hf_model):
+    perturb(hf_model, 4)
+    ref = hf_logprobs(hf_model, PROMPT, RESPONSE)
+    sync = WeightSync(server, transport="nccl", bucket_bytes=32 * 2**10)
+    sync.init_nccl("127.0.0.1", free_port(), device=0)
+    sync.push((k, v.cuda()) for k, v in hf_model.state_dict().items())
+    after = torch.tensor(client.score_logprobs(PROMPT, RESPONSE), dtype=torch.float64)
+    assert (after - ref).abs().max() < 1e-3  # GPU kernels (TF32) are looser than CPU fp32
+
+
+def test_stop_leaves_no_process(server):
+    pgid = os.getpgid(server.proc.pid)
+    members = group_members(pgid)
+    assert len(members) >= 2  # API server + engine core
+    server.stop()
+    server.stop()  # idempotent
+    alive = [p for p in members if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [] and group_members(pgid) == []
