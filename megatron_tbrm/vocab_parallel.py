@@ -56,15 +56,20 @@ def local_max(logits: torch.Tensor, n_valid: int) -> torch.Tensor:
     return logits[:, :n_valid].amax(dim=-1).float()
 
 
-def local_sum_exp(logits: torch.Tensor, n_valid: int, shift: torch.Tensor) -> torch.Tensor:
-    """sum_j exp(logit_j - shift) over this shard's real columns, fp32 [tokens].
+def fp32_workspace(logits: torch.Tensor, n_valid: int, chunk_size: int) -> torch.Tensor:
+    """One fp32 [chunk, n_valid] buffer reused by every chunk.
 
-    `logits` is one chunk of tokens; the fp32 temporary is chunk-sized and owned here, so the
-    in-place ops below never touch the caller's tensor (`copy=True` matters for fp32 input).
+    Reusing it matters on CPU, where each fresh large allocation is mmap'ed and page-faulted
+    again; it is ours, so in-place math on it never touches the caller's logits.
     """
-    if n_valid == 0:
-        return shift.new_zeros(shift.shape)
-    x = logits[:, :n_valid].to(torch.float32, copy=True)
+    return logits.new_empty((min(chunk_size, logits.shape[0]), n_valid), dtype=torch.float32)
+
+
+def local_sum_exp(
+    logits: torch.Tensor, n_valid: int, shift: torch.Tensor, work: torch.Tensor
+) -> torch.Tensor:
+    """sum_j exp(logit_j - shift) over this shard's real columns, fp32 [tokens] (one chunk)."""
+    x = work[: logits.shape[0]].copy_(logits[:, :n_valid])
     return x.sub_(shift.unsqueeze(-1)).exp_().sum(dim=-1)
 
 
@@ -90,13 +95,14 @@ def softmax_grad_chunk(
     coef_softmax: torch.Tensor,
     local_label: torch.Tensor,
     owned_coef: torch.Tensor,
+    work: torch.Tensor,
 ) -> torch.Tensor:
     """coef_softmax * softmax + owned_coef * onehot(label) over real columns, fp32 [chunk, n_valid].
 
     softmax = exp(logit - lse) with the global lse, so it is already normalised over the whole
     true vocabulary; the onehot term is added in fp32 before any rounding to the logits' dtype.
     """
-    p = logits[:, :n_valid].to(torch.float32, copy=True)
+    p = work[: logits.shape[0]].copy_(logits[:, :n_valid])
     p.sub_(lse.unsqueeze(-1)).exp_().mul_(coef_softmax.unsqueeze(-1))
     p.scatter_add_(-1, local_label.unsqueeze(-1), owned_coef.unsqueeze(-1))
     return p
@@ -128,10 +134,12 @@ class _VocabParallelLogProb(torch.autograd.Function):
         _all_reduce(token_max, dist.ReduceOp.MAX, tp_group)
 
         # Sum-exp and target logit travel in one SUM all-reduce.
-        sums = logits.new_empty((2, n), dtype=torch.float32)
-        for i in range(0, n, chunk_size):
-            j = min(i + chunk_size, n)
-            sums[0, i:j] = local_sum_exp(logits[i:j], shard.n_valid, token_max[i:j])
+        sums = logits.new_zeros((2, n), dtype=torch.float32)
+        if shard.n_valid > 0:
+            work = fp32_workspace(logits, shard.n_valid, chunk_size)
+            for i in range(0, n, chunk_size):
+                j = min(i + chunk_size, n)
+                sums[0, i:j] = local_sum_exp(logits[i:j], shard.n_valid, token_max[i:j], work)
         target, local_label, owned = local_target_logit(logits, labels, shard)
         sums[1] = target
         _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
@@ -156,11 +164,12 @@ class _VocabParallelLogProb(torch.autograd.Function):
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         grad[:, n_valid:] = 0  # padding columns
         if n_valid > 0:
+            work = fp32_workspace(logits, n_valid, chunk)
             for i in range(0, n, chunk):
                 j = min(i + chunk, n)
                 grad[i:j, :n_valid] = softmax_grad_chunk(
                     logits[i:j], n_valid, lse[i:j], coef_softmax[i:j], local_label[i:j],
-                    owned_coef[i:j],
+                    owned_coef[i:j], work,
                 )
         return grad, None, None, None, None, None
 
@@ -184,7 +193,8 @@ def vocab_parallel_logprob(
     """
     if logits.dim() < 2 or not logits.is_floating_point():
         raise ValueError(
-            f"logits must be a float tensor [..., v_local], got {tuple(logits.shape)} {logits.dtype}"
+            f"logits must be a float tensor [..., v_local], got {tuple(logits.shape)} "
+            f"{logits.dtype}"
         )
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
