@@ -6,10 +6,11 @@ run a forward pass, and write what the test compares against transformers and th
 LAYOUTS is e.g. "1x1,2x1,1x2" (TPxPP, optionally xVPP). For each HF folder and layout, the
 ranks that hold the full logits write OUT/<folder>_tp{T}_pp{P}[_vpp{V}].logits.pt
 (vocab-gathered, padding stripped) and global rank 0 writes export_hf_weights' tensors to
-OUT/<folder>_tp..._pp....safetensors.
+OUT/<folder>_tp..._pp....safetensors (metadata "order": the names in the order yielded).
 """
 from __future__ import annotations
 
+import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -25,21 +26,22 @@ def forward_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     b, s = tokens.shape
-    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    position_ids = torch.arange(s).unsqueeze(0)
 
     def step(data_iterator, model):
-        next(data_iterator)
-        out = model(tokens, position_ids, attention_mask=None)
+        sample = next(data_iterator)
+        out = model(sample, position_ids, attention_mask=None)
         return out, lambda output, non_loss_data=False: output
 
-    iters = [iter([None]) for _ in chunks]
+    # One micro-batch per sample: the interleaved schedule needs at least PP of them.
+    iters = [iter(tokens.split(1)) for _ in chunks]
     out = get_forward_backward_func()(
         forward_step_func=step, data_iterator=iters if len(chunks) > 1 else iters[0],
-        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=1, seq_length=s,
-        micro_batch_size=b, forward_only=True, collect_non_loss_data=True)
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=b, seq_length=s,
+        micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
     if not mpu.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    local = out[0].contiguous()
+    local = torch.cat(out).contiguous()
     tp = mpu.get_tensor_model_parallel_world_size()
     parts = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(parts, local, group=mpu.get_tensor_model_parallel_group())
@@ -74,7 +76,7 @@ def main() -> None:
                 torch.save(logits[..., : cfg.vocab_size].clone(), f"{out}/{tag}.logits.pt")
             exported = dict(export_hf_weights(chunks, cfg))
             if ps.rank == 0:
-                save_file(exported, f"{out}/{tag}.safetensors")
+                save_file(exported, f"{out}/{tag}.safetensors", metadata={"order": json.dumps(list(exported))})
             else:
                 assert not exported, "export_hf_weights yielded on a rank other than 0"
     destroy_distributed()
