@@ -13,6 +13,9 @@ So anything that may reach sympy runs in worker processes; a worker that exceeds
 is killed and replaced, and the sample scores 0 (counted in `stats["timeouts"]`). A reward
 may also register a cheap in-process `fast` path that returns a verdict or None; the math
 reward settles plain integers and exact matches there, so a typical step never pays for IPC.
+Workers are spawned (forking a trainer that holds torch/gloo threads is unsafe), so a
+script that scores must keep its entry point under `if __name__ == "__main__":`; a killed
+worker's replacement costs a fresh interpreter + Math-Verify import (~1 s).
 """
 from __future__ import annotations
 
@@ -176,7 +179,6 @@ class RewardScorer:
 
     def __init__(self, reward: str = "math", timeout_s: float = 5.0, num_workers: int = 2,
                  mp_context: str = "spawn") -> None:
-        # spawn: forking a trainer that holds torch/gloo threads is unsafe.
         if timeout_s <= 0 or num_workers < 1:
             raise ValueError(f"timeout_s={timeout_s} must be > 0 and num_workers={num_workers} >= 1")
         self.reward = get_reward(reward)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -122,3 +123,34 @@ def test_spec_validation_names_the_value():
 def test_write_into_existing_folder(tmp_path):
     write_tiny_model(tmp_path, TinyModelSpec(layers=1))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)
+
+
+VLLM_SCRIPT = r'''
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256,
+              kv_cache_memory_bytes=64 * 2**20, seed=0)
+    out = llm.chat([[{"role": "user", "content": "What is 37 + 58?"}]],
+                   SamplingParams(max_tokens=4, temperature=1.0, seed=0))[0]
+    print("RESULT", json.dumps({"prompt_ids": out.prompt_token_ids, "n": len(out.outputs[0].token_ids)}))
+'''
+
+
+@pytest.mark.skipif(os.environ.get("TBRM_VLLM_TESTS") != "1",
+                    reason="starts a vLLM CPU engine (~20-60 s); set TBRM_VLLM_TESTS=1")
+def test_vllm_cpu_engine_loads_and_generates(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    script = tmp_path / "smoke.py"  # vLLM spawns workers: the engine needs a __main__ guard
+    script.write_text(VLLM_SCRIPT)
+    env = {**os.environ, "TMPDIR": str(tmp_path), "VLLM_CACHE_ROOT": str(tmp_path / "vllm")}
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    want = tok.apply_chat_template([{"role": "user", "content": "What is 37 + 58?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert result["prompt_ids"] == tok(want, add_special_tokens=False)["input_ids"]
+    assert 1 <= result["n"] <= 4
