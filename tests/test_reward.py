@@ -83,7 +83,9 @@ def test_hanging_verifier_costs_at_most_its_limit_and_scores_zero():
         assert scores == [1.0, 0.0, 0.0, 1.0, 0.0]
         assert stats["timeouts"] == 2 and stats["errors"] == 1
         assert any("ValueError: boom" in e for e in scorer.errors)
-        assert elapsed < 1.0 + 2.5  # both hangs run in parallel on two workers; + respawn slack
+        # Both hangs overlap on the two workers, so ~1 s; the slack covers kill/respawn on a
+        # loaded 2-core machine. The point: a verifier that sleeps for an hour costs seconds.
+        assert elapsed < 8.0
         # The killed workers were replaced: the scorer keeps working.
         assert scorer.score_batch(["a"], ["x"])[0] == [1.0]
 
