@@ -15,6 +15,7 @@ import atexit
 import ctypes
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -231,13 +232,14 @@ class VLLMServer:
             return self
         if port_in_use(self.host, self.port):
             raise RolloutServerError(f"port {self.port} on {self.host} is already in use")
-        tmp = self.work_dir / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
+        # vLLM binds ZMQ ipc sockets in $TMPDIR and unix socket paths are limited to 107
+        # bytes, so the per-server TMPDIR is a short folder in /tmp, removed by stop().
+        self._tmp_dir = tempfile.mkdtemp(prefix="vllm-", dir="/tmp" if os.access("/tmp", os.W_OK) else None)
         env = dict(os.environ)
         env.update(
             VLLM_SERVER_DEV_MODE="1",  # /collective_rpc, /pause, /resume, /reset_prefix_cache
             PYTHONPATH=os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p),
-            TMPDIR=str(tmp),  # vLLM's ZMQ sockets
+            TMPDIR=self._tmp_dir,
             VLLM_CACHE_ROOT=str(self.work_dir / "cache"),
         )
         env.update(self.env)
@@ -310,6 +312,9 @@ class VLLMServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if getattr(self, "_tmp_dir", None):
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
 
     def __enter__(self) -> "VLLMServer":
         return self.start().wait_healthy()

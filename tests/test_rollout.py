@@ -1,0 +1,206 @@
+"""Rollout server + client against a real vLLM CPU server on the tiny model (one server for
+the module; tests that kill it come last). Lifecycle tests that only need a process group
+use a stand-in command instead of vLLM."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from megatron_tbrm.rollout import RolloutClient, RolloutServerError, Trajectory, VLLMServer
+from megatron_tbrm.rollout.server import group_members
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [[5, 17, 33, 101, 250, 7], [64, 300, 12], [99, 140, 3, 77, 210, 45, 8, 31]]
+SERVER_KW = dict(dtype="float32", max_model_len=512, kv_cache_bytes=128 * 2**20, max_num_seqs=16, seed=0,
+                 env={"HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    s = VLLMServer(tiny_model_dir, work_dir=tmp_path_factory.mktemp("vllm-rollout"), **SERVER_KW)
+    s.start()
+    try:
+        s.wait_healthy(timeout=300)
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return RolloutClient.for_server(server, max_concurrency=4, timeout=120, retries=2)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_generate_returns_server_token_ids_and_logprobs(client):
+    trajs = client.generate(PROMPTS, n=3, max_tokens=16, seed=0, progress=False)
+    assert [(t.prompt_index, t.sample_index) for t in trajs] == [(i, j) for i in range(3) for j in range(3)]
+    vocab = 512
+    for t in trajs:
+        assert isinstance(t, Trajectory)
+        assert t.prompt_token_ids == PROMPTS[t.prompt_index]
+        assert 1 <= len(t.response_token_ids) <= 16
+        assert len(t.response_logprobs) == len(t.response_token_ids)
+        assert all(0 <= i < vocab for i in t.response_token_ids)
+        assert all(lp <= 0 for lp in t.response_logprobs)
+        assert t.finish_reason in ("stop", "length")
+    # n samples of one prompt differ (different seeds), and a seed reproduces them.
+    assert len({tuple(t.response_token_ids) for t in trajs[:3]}) > 1
+    again = client.generate(PROMPTS, n=3, max_tokens=16, seed=0, progress=False)
+    assert [t.response_token_ids for t in again] == [t.response_token_ids for t in trajs]
+
+
+def test_sampler_logprobs_are_those_of_the_sampled_tokens(client):
+    """Scoring the sampled response with prompt_logprobs (a different code path) gives the
+    sampler's per-token log-probs back, so they belong to the returned ids."""
+    trajs = client.generate(PROMPTS[:2], n=2, max_tokens=12, temperature=1.0, seed=5, progress=False,
+                            extra={"ignore_eos": True})
+    scored = client.score_logprobs_batch([(t.prompt_token_ids, t.response_token_ids) for t in trajs],
+                                         progress=False)
+    for t, s in zip(trajs, scored):
+        assert len(s) == len(t.response_logprobs) == 12
+        assert max(abs(a - b) for a, b in zip(s, t.response_logprobs)) < 1e-4
+
+
+def test_port_in_use_is_reported(server, tiny_model_dir, tmp_path):
+    other = VLLMServer(tiny_model_dir, port=server.port, work_dir=tmp_path, **SERVER_KW)
+    with pytest.raises(RolloutServerError, match=f"port {server.port} on 127.0.0.1 is already in use"):
+        other.start()
+    assert other.proc is None
+
+
+def test_attach_uses_running_server_and_never_stops_it(server):
+    attached = VLLMServer.attach(server.url)
+    assert attached.model_name == server.model_name and attached.alive()
+    trajs = RolloutClient.for_server(attached).generate(PROMPTS[:1], max_tokens=4, progress=False)
+    assert len(trajs) == 1
+    attached.stop()
+    assert server.alive() and attached.alive()
+
+
+def test_failed_start_names_server_and_shows_log(tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    s = VLLMServer(empty, work_dir=tmp_path / "w", **SERVER_KW)
+    t0 = time.monotonic()
+    with pytest.raises(RolloutServerError) as e:
+        s.start().wait_healthy(timeout=240)
+    s.stop()
+    msg = str(e.value)
+    assert s.url in msg and str(empty) in msg and "exited with code" in msg
+    assert "--- last lines of" in msg and len(msg.splitlines()) > 5
+    assert time.monotonic() - t0 < 240  # noticed the death, did not wait for the timeout
+
+
+class _Standin(VLLMServer):
+    """A process group like vLLM's (leader + child) without vLLM, for lifecycle tests."""
+
+    def command(self):
+        return [sys.executable, "-c",
+                "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_owner_signal_stops_server_group(tmp_path, sig):
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_rollout import _Standin
+        s = _Standin("unused", work_dir={str(tmp_path)!r}).start()
+        time.sleep(1.0)
+        print(os.getpgid(s.proc.pid), flush=True)
+        time.sleep(300)
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pgid = int(owner.stdout.readline())
+    assert len(group_members(pgid)) == 2
+    owner.send_signal(sig)
+    owner.wait(timeout=30)
+    assert _wait_group_gone(pgid, 15) == []
+
+
+def test_server_death_mid_request_is_an_error_not_a_hang(server):
+    """Kills the module server: runs after every test that needs it."""
+    client = RolloutClient.for_server(server, max_concurrency=8, timeout=120, retries=3)
+    outcome: dict = {}
+
+    def run():
+        try:  # ~100k tokens: runs for many seconds on 2 cores
+            outcome["result"] = client.generate([PROMPTS[0]] * 64, n=4, max_tokens=400, progress=False,
+                                                extra={"ignore_eos": True})
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    time.sleep(2.0)
+    pgid = os.getpgid(server.proc.pid)
+    members = group_members(pgid)
+    os.kill(server.proc.pid, signal.SIGKILL)  # the API server, mid-request
+    t0 = time.monotonic()
+    th.join(timeout=60)
+    assert not th.is_alive(), "generate() hung after the server died"
+    assert time.monotonic() - t0 < 30
+    err = outcome.get("error")
+    assert isinstance(err, RolloutServerError), outcome
+    assert server.url in str(err) and "died during POST /v1/completions" in str(err)
+    assert "--- last lines of" in str(err)
+    # The engine core outlives a SIGKILL'd API server; stop() still clears the whole group.
+    server.stop()
+    assert _alive(members) == [] and group_members(pgid) == []
+
+
+def test_owner_sigkill_takes_server_down(tiny_model_dir, tmp_path, server):
+    """PR_SET_PDEATHSIG: a trainer killed with SIGKILL (no handler runs) leaves no vLLM
+    processes behind. Runs after the module server was stopped (one vLLM server at a time)."""
+    server.stop()
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from megatron_tbrm.rollout import VLLMServer
+        s = VLLMServer({str(tiny_model_dir)!r}, work_dir={str(tmp_path)!r}, **{SERVER_KW!r})
+        s.start().wait_healthy(300)
+        print(os.getpgid(s.proc.pid), flush=True)
+        time.sleep(600)
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pgid = int(owner.stdout.readline())
+        members = group_members(pgid)
+        assert len(members) >= 2
+        owner.kill()
+        owner.wait(timeout=10)
+        left = _wait_group_gone(pgid, 30)
+        assert left == [], f"orphaned vLLM processes: {left}"
+    finally:
+        owner.kill()
+        for pid in _alive(group_members(pgid) if "pgid" in locals() else []):
+            os.kill(pid, signal.SIGKILL)
+
+
