@@ -129,9 +129,9 @@ def _full_grad(grad_true_vocab: torch.Tensor, inp: dict) -> torch.Tensor:
     return grad
 
 
-def run_case(rank: int, tp: int, case: tuple, group) -> dict:
+def run_case(rank: int, tp: int, case: tuple, group, device: str = "cpu") -> dict:
     name, dtype, padded, chunk, kwargs = case
-    inp = make_inputs(dtype, padded)
+    inp = {k: v.to(device) for k, v in make_inputs(dtype, padded).items()}
     v_local = padded // tp
     shard = inp["logits"][..., rank * v_local : (rank + 1) * v_local].clone().requires_grad_()
     before = shard.detach().clone()
@@ -148,9 +148,9 @@ def run_case(rank: int, tp: int, case: tuple, group) -> dict:
         )
     loss.backward()
     return {
-        "loss": loss.detach(),
+        "loss": loss.detach().cpu(),
         "metrics": metrics,
-        "grad": shard.grad,
+        "grad": shard.grad.cpu(),
         "unchanged": torch.equal(shard.detach(), before),
     }
 
@@ -160,19 +160,25 @@ def _worker(rank: int, world_size: int) -> list[dict]:
 
 
 @functools.cache
-def results(tp: int) -> list[list[dict]]:
-    """results(tp)[case][rank]; one spawn per TP size serves every case."""
-    if tp == 1:
-        return [[run_case(0, 1, case, None)] for case in CASES]
+def results(tp: int | str) -> list[list[dict]]:
+    """results(tp)[case][rank]; one spawn per TP size serves every case. "cuda": TP=1 on a GPU."""
+    if tp in (1, "cuda"):
+        device = "cuda" if tp == "cuda" else "cpu"
+        return [[run_case(0, 1, case, None, device)] for case in CASES]
     per_rank = run_distributed(_worker, tp)
     return [[per_rank[r][c] for r in range(tp)] for c in range(len(CASES))]
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, CUDA])
 @pytest.mark.parametrize(
     "case", range(len(CASES)), ids=lambda i: f"{CASES[i][0]}-{CASES[i][1]}-pad{CASES[i][2]}"
 )
-def test_matches_fp64_reference(tp: int, case: int) -> None:
+def test_matches_fp64_reference(tp: int | str, case: int) -> None:
     name, dtype, padded, _, kwargs = CASES[case]
     inp = make_inputs(dtype, padded)
     if name == "tbrm":

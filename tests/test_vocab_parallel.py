@@ -62,9 +62,11 @@ def reference(inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
     return lp.detach(), lse.detach(), grad
 
 
-def run_case(rank: int, tp: int, case: tuple, group) -> dict[str, torch.Tensor]:
+def run_case(
+    rank: int, tp: int, case: tuple, group, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
     dtype, padded, chunk = case
-    inp = make_inputs(dtype, padded)
+    inp = {k: v.to(device) for k, v in make_inputs(dtype, padded).items()}
     v_local = padded // tp
     shard = inp["logits"][..., rank * v_local : (rank + 1) * v_local].clone().requires_grad_()
     before = shard.detach().clone()
@@ -73,9 +75,9 @@ def run_case(rank: int, tp: int, case: tuple, group) -> dict[str, torch.Tensor]:
     )
     (lp * inp["g_lp"] + lse * inp["g_lse"]).sum().backward()
     return {
-        "lp": lp.detach(),
-        "lse": lse.detach(),
-        "grad": shard.grad,
+        "lp": lp.detach().cpu(),
+        "lse": lse.detach().cpu(),
+        "grad": shard.grad.cpu(),
         "unchanged": torch.equal(shard.detach(), before),
     }
 
@@ -85,19 +87,25 @@ def _worker(rank: int, world_size: int) -> list[dict[str, torch.Tensor]]:
 
 
 @functools.cache
-def results(tp: int) -> list[list[dict[str, torch.Tensor]]]:
-    """results(tp)[case][rank]; one spawn per TP size serves every case."""
-    if tp == 1:
-        return [[run_case(0, 1, case, None)] for case in CASES]
+def results(tp: int | str) -> list[list[dict[str, torch.Tensor]]]:
+    """results(tp)[case][rank]; one spawn per TP size serves every case. "cuda": TP=1 on a GPU."""
+    if tp in (1, "cuda"):
+        device = "cuda" if tp == "cuda" else "cpu"
+        return [[run_case(0, 1, case, None, device)] for case in CASES]
     per_rank = run_distributed(_worker, tp)
     return [[per_rank[r][c] for r in range(tp)] for c in range(len(CASES))]
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, CUDA])
 @pytest.mark.parametrize(
     "case", range(len(CASES)), ids=lambda i: f"{CASES[i][0]}-pad{CASES[i][1]}-chunk{CASES[i][2]}"
 )
-def test_matches_fp64_reference(tp: int, case: int) -> None:
+def test_matches_fp64_reference(tp: int | str, case: int) -> None:
     dtype, padded, _ = CASES[case]
     lp_ref, lse_ref, grad_ref = reference(make_inputs(dtype, padded))
     ranks = results(tp)[case]
