@@ -129,6 +129,35 @@ def _patch_megatron() -> None:
     mrandom._get_cuda_rng_state = _cpu_rng_state
     mrandom._set_cuda_rng_state = _set_cpu_rng_state
 
+    # Pipeline p2p: gloo matches messages between two ranks by (peer, tag) in posting order, and
+    # mcore posts send_prev before send_next while the receiver posts recv_prev before recv_next.
+    # With PP=2 (prev == next rank) and interleaving, activations and gradients of equal shape
+    # then swap silently. NCCL's grouped calls don't have this problem; on gloo, tag each
+    # direction so a message can only match its own kind.
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    p2p_communication._batched_p2p_ops = _tagged_batched_p2p_ops
+
+
+_FORWARD_TAG, _BACKWARD_TAG = 1, 2
+
+
+def _tagged_batched_p2p_ops(
+    *, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next, group, prev_pipeline_rank, next_pipeline_rank
+):
+    import torch.distributed as dist
+
+    ops = []
+    for tensor, op, peer, tag in (
+        (tensor_send_prev, dist.isend, prev_pipeline_rank, _BACKWARD_TAG),
+        (tensor_recv_prev, dist.irecv, prev_pipeline_rank, _FORWARD_TAG),
+        (tensor_send_next, dist.isend, next_pipeline_rank, _FORWARD_TAG),
+        (tensor_recv_next, dist.irecv, next_pipeline_rank, _BACKWARD_TAG),
+    ):
+        if tensor is not None:
+            ops.append(dist.P2POp(op, tensor, peer, group, tag))
+    return dist.batch_isend_irecv(ops) if ops else []
+
 
 _mode: _CudaToCpu | None = None
 

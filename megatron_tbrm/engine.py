@@ -1,0 +1,239 @@
+"""The Megatron side of training: model chunks, optimizer, LR schedule, pipeline schedules.
+
+A step is `run(microbatches, loss_fn)` then `step()`. Loss functions follow megatron-core's
+per-token-loss convention: `loss_fn(microbatch, logits) -> (loss_sum, count, metric_sums)`;
+the schedule and `finalize_model_grads` divide the summed gradient by the global count, so
+the result is the mean over every item of the global batch whatever the micro-batch size,
+DP, TP and PP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .model import ModelConfig, build_model, unwrap
+
+Microbatch = dict[str, torch.Tensor]
+LossFn = Callable[[Microbatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class OptimSettings:
+    lr: float
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay: str = "constant"
+    total_steps: int = 1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = True
+
+
+def pad_batch(rows: list[dict[str, list]], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Right-pad variable-length rows into [B, S] tensors (causal attention needs no mask)."""
+    seq = max(len(r["tokens"]) for r in rows)
+    seq = -(-seq // multiple) * multiple
+    out: dict[str, torch.Tensor] = {}
+    for key, fill, dtype in (
+        ("tokens", pad_id, torch.long),
+        ("labels", pad_id, torch.long),
+        ("loss_mask", 0, torch.float32),
+        ("ref_logprobs", 0.0, torch.float32),
+        ("old_logprobs", 0.0, torch.float32),
+    ):
+        if key not in rows[0]:
+            continue
+        t = torch.full((len(rows), seq), fill, dtype=dtype)
+        for i, r in enumerate(rows):
+            t[i, : len(r[key])] = torch.as_tensor(r[key], dtype=dtype)
+        out[key] = t
+    for key in ("rewards", "advantages"):
+        if key in rows[0]:
+            out[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+    out["position_ids"] = torch.arange(seq).unsqueeze(0).expand(len(rows), -1).contiguous()
+    return out
+
+
+def split_microbatches(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[Microbatch]:
+    n = next(iter(batch.values())).shape[0]
+    if n % micro_batch_size:
+        raise ValueError(f"batch of {n} rows does not split into micro-batches of {micro_batch_size}")
+    return [{k: v[i : i + micro_batch_size] for k, v in batch.items()} for i in range(0, n, micro_batch_size)]
+
+
+class Engine:
+    """Model chunks of this rank (+ optimizer and scheduler when trainable)."""
+
+    def __init__(self, model_cfg: ModelConfig, optim: Optional[OptimSettings] = None, sequence_parallel: bool = False):
+        from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+
+        self.model_cfg = model_cfg
+        self.trainable = optim is not None
+        ddp = None
+        if self.trainable:
+            ddp = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                use_distributed_optimizer=optim.distributed_optimizer,
+                overlap_grad_reduce=False,
+            )
+        self.chunks = build_model(model_cfg, sequence_parallel=sequence_parallel, wrap_ddp=self.trainable, ddp_config=ddp)
+        self.config = unwrap(self.chunks[0]).config
+        self.optimizer = self.scheduler = None
+        if self.trainable:
+            self.config.finalize_model_grads_func = finalize_model_grads
+            self.config.no_sync_func = [c.no_sync for c in self.chunks]
+            if len(self.chunks) == 1:
+                self.config.no_sync_func = self.config.no_sync_func[0]
+            self.optimizer, self.scheduler = self._build_optimizer(optim)
+        else:
+            for c in self.chunks:
+                c.requires_grad_(False)
+                c.eval()
+
+    def _build_optimizer(self, o: OptimSettings):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        ocfg = OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=self.model_cfg.dtype == "bf16",
+            fp16=self.model_cfg.dtype == "fp16",
+            params_dtype=self.config.params_dtype,
+            use_distributed_optimizer=o.distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(ocfg, self.chunks)
+        decay_steps = max(o.total_steps, o.warmup_steps + 1)
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0 if o.warmup_steps else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr if o.decay != "constant" else o.lr,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=decay_steps,
+            lr_decay_style=o.decay,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+        )
+        return optimizer, scheduler
+
+    # ------------------------------------------------------------------ schedules
+
+    @staticmethod
+    def _forward_step(loss_fn: LossFn, data_iterator, model):
+        mb = next(data_iterator)
+        output = model(mb["tokens"], mb["position_ids"], attention_mask=None)
+        # The schedule calls this on the last stage only; `non_loss_data` marks collect mode.
+        return output, lambda logits, non_loss_data=False: loss_fn(mb, logits)
+
+    def run(
+        self,
+        microbatches: list[Microbatch],
+        loss_fn: LossFn,
+        forward_only: bool = False,
+        collect: bool = False,
+    ) -> list:
+        """Run the pipeline schedule over this DP rank's micro-batches.
+
+        Training (forward_only False): accumulates gradients for a following `step()` and returns
+        the list of per-micro-batch metric dicts (last stage only; [] elsewhere).
+        collect=True with forward_only: `loss_fn(mb, logits)` returns any per-micro-batch data
+        (e.g. log-probs), collected on the last stage in order.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not microbatches:
+            raise ValueError("no micro-batches to run")
+        if not forward_only:
+            for c in self.chunks:
+                c.train()
+                c.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        else:
+            for c in self.chunks:
+                c.eval()
+        mbs, seq = microbatches[0]["tokens"].shape
+        iters = [iter(microbatches) for _ in self.chunks]
+        fb = get_forward_backward_func()
+        with torch.no_grad() if forward_only else contextlib.nullcontext():
+            out = fb(
+                forward_step_func=partial(self._forward_step, loss_fn),
+                data_iterator=iters if len(iters) > 1 else iters[0],
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=len(microbatches),
+                seq_length=seq,
+                micro_batch_size=mbs,
+                forward_only=forward_only,
+                collect_non_loss_data=collect,
+            )
+        return out
+
+    def step(self) -> dict[str, float]:
+        """Optimizer step (+ LR schedule). Skips the update when the gradient is not finite."""
+        ok, grad_norm, _ = self.optimizer.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if ok:
+            self.scheduler.step(increment=1)
+        return {"grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"], "update_ok": float(bool(ok))}
+
+    def discard_grads(self) -> None:
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    # ------------------------------------------------------------------ weights
+
+    def load_state_from(self, other: "Engine") -> None:
+        """Copy weights from another engine of the same layout (the frozen reference's start)."""
+        for mine, theirs in zip(self.chunks, other.chunks):
+            src = unwrap(theirs).state_dict()
+            unwrap(mine).load_state_dict({k: v for k, v in src.items() if not k.endswith("_extra_state")}, strict=False)
+
+    def offload(self, to_cpu: bool) -> None:
+        """Move weights to CPU between uses (the frozen reference on GPU); a no-op on CPU."""
+        if not torch.cuda.is_available():
+            return
+        device = "cpu" if to_cpu else torch.device("cuda", torch.cuda.current_device())
+        for c in self.chunks:
+            c.to(device)
+
+
+def reduce_metrics(per_microbatch: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Sum metric sums over micro-batches, then over the whole world (only the last stage's TP
+    rank 0 of each DP replica contributes), so every rank holds the global sums."""
+    from megatron.core import parallel_state as mpu
+
+    local: dict[str, float] = {}
+    for m in per_microbatch:
+        for k, v in m.items():
+            local[k] = local.get(k, 0.0) + float(v)
+    contributes = mpu.is_pipeline_last_stage() and mpu.get_tensor_model_parallel_rank() == 0
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local if contributes else {})
+    total: dict[str, float] = {}
+    for g in gathered:
+        for k, v in g.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))

@@ -1,0 +1,69 @@
+"""Config: bad input fails at load/validate time, before any process-group work, naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_tbrm.config import ConfigError, load_config, validate
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "vocab_size": 300, "hidden_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 256, "max_position_embeddings": 512,
+    }))
+    return d
+
+
+@pytest.fixture
+def good(tmp_path, model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    return [f"model.path={model_dir}", f"data.train_path={data}", "rollout.max_tokens=64",
+            "data.max_prompt_tokens=64", "rollout.max_model_len=256", "train.prompts_per_step=4",
+            "train.micro_batch_size=2"]
+
+
+def test_good_config_validates(good):
+    cfg = load_config(None, good + ["parallel.tp=2", "loss.beta=0.05"])
+    validate(cfg, world_size=4)
+    assert cfg.parallel.tp == 2 and cfg.loss.beta == 0.05 and cfg.rollout.n == 1
+
+
+@pytest.mark.parametrize(
+    "overrides,world,match",
+    [
+        (["parallel.tpp=2"], 1, r"unknown config key 'parallel.tpp'.*allowed keys here: tp, pp"),
+        (["parallel.tp=3"], 3, r"'parallel.tp': got 3, which does not divide num_attention_heads=4"),
+        (["parallel.tp=2", "parallel.pp=2"], 6, r"= 4 does not divide the world size 6"),
+        (["parallel.tp=two"], 1, r"'parallel.tp': got 'two', expected an integer"),
+        (["loss.name=ppo"], 1, r"'loss.name': got 'ppo', expected one of 'tbrm', 'grpo'"),
+        (["rollout.max_tokens=1000"], 1, r"exceed the model's max_position_embeddings=512"),
+        (["data.train_path=/nonexistent.jsonl"], 1, r"'data.train_path': file not found: /nonexistent.jsonl"),
+        (["loss.beta=0"], 1, r"'loss.beta': got 0.0, expected a positive number"),
+        (["parallel.pp=3"], 3, r"3 pipeline stages x 1 virtual do not divide num_hidden_layers=2"),
+        (["loss.name=grpo"], 1, r"'rollout.n': got 1; loss.name=grpo needs n >= 2"),
+        (["model.fp8=hybrid"], 1, r"fp8='hybrid' needs a GPU"),
+    ],
+)
+def test_bad_config_names_key_and_value(good, overrides, world, match):
+    with pytest.raises(ConfigError, match=match) if "fp8" not in overrides[0] else pytest.raises(ValueError, match=match):
+        validate(load_config(None, good + overrides), world_size=world)
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    bad.write_text("model:\n  pathh: x\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.pathh'"):
+        load_config(bad)
