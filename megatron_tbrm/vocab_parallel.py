@@ -65,12 +65,25 @@ def fp32_workspace(logits: torch.Tensor, n_valid: int, chunk_size: int) -> torch
     return logits.new_empty((min(chunk_size, logits.shape[0]), n_valid), dtype=torch.float32)
 
 
+def shifted_fp32(
+    logits: torch.Tensor, n_valid: int, shift: torch.Tensor, work: torch.Tensor
+) -> torch.Tensor:
+    """work[:rows] = fp32(logits[:, :n_valid]) - shift[:, None], for one chunk of tokens.
+
+    On CUDA one mixed-dtype kernel reads the bf16 logits and writes fp32. On CPU mixed-dtype
+    elementwise ops take an unvectorised path (~2x slower here), so convert, then subtract.
+    """
+    out, x = work[: logits.shape[0]], logits[:, :n_valid]
+    if logits.is_cuda:
+        return torch.sub(x, shift.unsqueeze(-1), out=out)
+    return out.copy_(x).sub_(shift.unsqueeze(-1))
+
+
 def local_sum_exp(
     logits: torch.Tensor, n_valid: int, shift: torch.Tensor, work: torch.Tensor
 ) -> torch.Tensor:
     """sum_j exp(logit_j - shift) over this shard's real columns, fp32 [tokens] (one chunk)."""
-    x = work[: logits.shape[0]].copy_(logits[:, :n_valid])
-    return x.sub_(shift.unsqueeze(-1)).exp_().sum(dim=-1)
+    return shifted_fp32(logits, n_valid, shift, work).exp_().sum(dim=-1)
 
 
 def local_target_logit(
@@ -88,24 +101,33 @@ def local_target_logit(
     return torch.where(owned, picked, torch.zeros_like(picked)), local, owned
 
 
-def softmax_grad_chunk(
+def write_grad_chunk(
+    out: torch.Tensor,
     logits: torch.Tensor,
     n_valid: int,
     lse: torch.Tensor,
     coef_softmax: torch.Tensor,
+    target_logit: torch.Tensor,
     local_label: torch.Tensor,
     owned_coef: torch.Tensor,
+    owned: torch.Tensor,
     work: torch.Tensor,
-) -> torch.Tensor:
-    """coef_softmax * softmax + owned_coef * onehot(label) over real columns, fp32 [chunk, n_valid].
+) -> None:
+    """out[:, :n_valid] = coef_softmax * softmax + owned_coef * onehot(label), one chunk.
 
     softmax = exp(logit - lse) with the global lse, so it is already normalised over the whole
-    true vocabulary; the onehot term is added in fp32 before any rounding to the logits' dtype.
+    true vocabulary. Each entry is computed in fp32 and rounded to out's dtype once: the label
+    column, where the two terms meet, is recomputed in fp32 from the saved target logit.
     """
-    p = work[: logits.shape[0]].copy_(logits[:, :n_valid])
-    p.sub_(lse.unsqueeze(-1)).exp_().mul_(coef_softmax.unsqueeze(-1))
-    p.scatter_add_(-1, local_label.unsqueeze(-1), owned_coef.unsqueeze(-1))
-    return p
+    p = shifted_fp32(logits, n_valid, lse, work).exp_()
+    if p.is_cuda:  # multiply and round to the logits' dtype in one kernel
+        torch.mul(p, coef_softmax.unsqueeze(-1), out=out[:, :n_valid])
+    else:  # see shifted_fp32: CPU prefers same-dtype math, then one conversion
+        out[:, :n_valid] = p.mul_(coef_softmax.unsqueeze(-1))
+    label = local_label.unsqueeze(-1)
+    at_label = coef_softmax * torch.exp(target_logit - lse) + owned_coef
+    kept = out.gather(-1, label).squeeze(-1)
+    out.scatter_(-1, label, torch.where(owned, at_label.to(out.dtype), kept).unsqueeze(-1))
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | None) -> None:
@@ -146,20 +168,21 @@ class _VocabParallelLogProb(torch.autograd.Function):
 
         lse = token_max + sums[0].log()
         logprob = torch.where(mask, sums[1] - lse, torch.zeros_like(lse))
-        ctx.save_for_backward(logits, lse, local_label, owned, mask)
+        ctx.save_for_backward(logits, lse, sums[1], local_label, owned, mask)
         ctx.n_valid = shard.n_valid
         ctx.chunk_size = chunk_size
         return logprob, lse
 
     @staticmethod
     def backward(ctx, grad_logprob: torch.Tensor, grad_lse: torch.Tensor):
-        logits, lse, local_label, owned, mask = ctx.saved_tensors
+        logits, lse, target_logit, local_label, owned, mask = ctx.saved_tensors
         n, n_valid, chunk = logits.shape[0], ctx.n_valid, ctx.chunk_size
         # d logprob / d logit = onehot - softmax and d lse / d logit = softmax. A masked
         # position's logprob is the constant 0, so its grad_logprob is dropped.
         grad_lp = torch.where(mask, grad_logprob, torch.zeros_like(grad_logprob))
         coef_softmax = grad_lse - grad_lp
-        owned_coef = torch.where(owned & mask, grad_lp, torch.zeros_like(grad_lp))
+        owned = owned & mask
+        owned_coef = torch.where(owned, grad_lp, torch.zeros_like(grad_lp))
 
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         grad[:, n_valid:] = 0  # padding columns
@@ -167,9 +190,9 @@ class _VocabParallelLogProb(torch.autograd.Function):
             work = fp32_workspace(logits, n_valid, chunk)
             for i in range(0, n, chunk):
                 j = min(i + chunk, n)
-                grad[i:j, :n_valid] = softmax_grad_chunk(
-                    logits[i:j], n_valid, lse[i:j], coef_softmax[i:j], local_label[i:j],
-                    owned_coef[i:j], work,
+                write_grad_chunk(
+                    grad[i:j], logits[i:j], n_valid, lse[i:j], coef_softmax[i:j],
+                    target_logit[i:j], local_label[i:j], owned_coef[i:j], owned[i:j], work,
                 )
         return grad, None, None, None, None, None
 
