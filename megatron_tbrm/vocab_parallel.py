@@ -7,9 +7,10 @@ reductions (MAX of the max, SUM of the sum-exp, SUM of the target logit) make th
 exact.
 
 Memory: the caller's logits are never written to and never copied whole. The fp32 work is
-done `chunk_size` tokens at a time; backward keeps only the original (e.g. bf16) logits and
-the per-token log-sum-exp (fp32 [tokens]), and recomputes the softmax chunk by chunk, so it
-needs no communication at all.
+done `chunk_size` tokens at a time in one reused buffer; backward keeps only the original
+(e.g. bf16) logits plus the per-token log-sum-exp and target logit (fp32 [tokens]), and
+recomputes the softmax chunk by chunk, so it needs no communication at all. Peak extra memory
+is the logits gradient (which autograd needs anyway) plus one fp32 [chunk_size, v_local] buffer.
 
 Labels at positions where `mask` is 0 may be anything (-100, a pad id); those positions
 return a log-prob of 0 and receive no log-prob gradient. Their log-sum-exp is still computed,
