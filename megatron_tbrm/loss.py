@@ -12,6 +12,12 @@ Two forms of each loss:
   loss is the mean over the whole global batch whatever the micro-batch split. Each metric is
   a float64 tensor [sum, count] (the form Megatron's training loop sums and divides);
   `reduce_metrics` turns summed pairs into means.
+
+    # in a Megatron forward_step, on the last pipeline stage:
+    loss_func = functools.partial(
+        tbrm_loss_sums, labels=labels, ref_logprobs=ref, rewards=r, loss_mask=mask, beta=beta,
+        vocab_size=true_vocab, tp_group=parallel_state.get_tensor_model_parallel_group(),
+    )  # loss_func(logits) -> (sum of delta^2, trajectories, {name: [sum, count]})
 """
 
 from __future__ import annotations
