@@ -139,9 +139,11 @@ def math_reward(response: str, answer: str) -> float:
 # Worker pool with per-task kill
 
 
-def _worker_main(conn: Connection) -> None:
+def _worker_main(conn: Connection, fn: RewardFunc) -> None:
+    # `fn` arrives with the process arguments, so importing its module (and Math-Verify) is
+    # paid before "ready", never by a task's time limit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    import math_verify  # noqa: F401  (import cost paid before "ready", not by a task's limit)
+    import math_verify  # noqa: F401
     conn.send("ready")
     while True:
         try:
@@ -150,7 +152,7 @@ def _worker_main(conn: Connection) -> None:
             return
         if msg is None:
             return
-        fn, response, answer = msg
+        response, answer = msg
         try:
             conn.send(("ok", float(fn(response, answer))))
         except Exception as e:  # noqa: BLE001 - any failure scores 0 and is counted
@@ -158,9 +160,9 @@ def _worker_main(conn: Connection) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx, fn: RewardFunc) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, fn), daemon=True)
         self.proc.start()
         child.close()
         self.ready = False
@@ -225,13 +227,13 @@ class RewardScorer:
     def _run(self, todo: list[int], responses, answers, scores: list[float], stats: dict) -> None:
         pending = deque(todo)
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx))
+            self._workers.append(_Worker(self._ctx, self.reward.fn))
         while pending or any(w.task is not None for w in self._workers):
             now = time.monotonic()
             for w in self._workers:
                 if w.ready and w.task is None and pending:
                     i = pending.popleft()
-                    w.conn.send((self.reward.fn, responses[i], answers[i]))
+                    w.conn.send((responses[i], answers[i]))
                     w.task, w.deadline = i, now + self.timeout_s
             busy = [w for w in self._workers if w.task is not None]
             wait_s = min((w.deadline for w in busy), default=now + 60.0) - now
@@ -244,7 +246,7 @@ class RewardScorer:
                         if not w.ready:
                             raise RuntimeError(f"reward worker failed to start (exit code {w.proc.exitcode})")
                         self._fail(w, "errors", f"worker died (exit code {w.proc.exitcode})", stats)
-                        self._workers[k] = _Worker(self._ctx)
+                        self._workers[k] = _Worker(self._ctx, self.reward.fn)
                         continue
                     if msg == "ready":
                         w.ready = True
@@ -259,7 +261,7 @@ class RewardScorer:
                 elif w.task is not None and time.monotonic() >= w.deadline:
                     self._fail(w, "timeouts", f"exceeded {self.timeout_s}s", stats)
                     w.kill()
-                    self._workers[k] = _Worker(self._ctx)
+                    self._workers[k] = _Worker(self._ctx, self.reward.fn)
 
     def _fail(self, w: _Worker, kind: str, why: str, stats: dict) -> None:
         stats[kind] += 1
