@@ -125,10 +125,10 @@ def write_grad_chunk(
         torch.mul(p, coef_softmax.unsqueeze(-1), out=out[:, :n_valid])
     else:  # see shifted_fp32: CPU prefers same-dtype math, then one conversion
         out[:, :n_valid] = p.mul_(coef_softmax.unsqueeze(-1))
-    label = local_label.unsqueeze(-1)
+    # index_put_, not scatter_: CPU scatter_ on bf16 makes an fp32 copy of all of `out`.
+    at = (torch.arange(out.shape[0], device=out.device), local_label)
     at_label = coef_softmax * torch.exp(target_logit - lse) + owned_coef
-    kept = out.gather(-1, label).squeeze(-1)
-    out.scatter_(-1, label, torch.where(owned, at_label.to(out.dtype), kept).unsqueeze(-1))
+    out.index_put_(at, torch.where(owned, at_label.to(out.dtype), out[at]))
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | None) -> None:
