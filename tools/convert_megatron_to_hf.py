@@ -7,7 +7,7 @@ a Hugging Face folder that transformers and vLLM load as is.
 
 CKPT is a checkpoint root (with `latest`) or one iter_N folder. The weights reshard on load,
 so any layout reads any checkpoint; the default TP=1, PP=1 is a single process (TP x PP > 1
-re-runs itself under torch.distributed.run). Writes config.json (the source's, unchanged),
+starts that many worker processes). Writes config.json (the source's, unchanged),
 model-0000k-of-0000N.safetensors + model.safetensors.index.json (shards of at most
 --max-shard-size), and the tokenizer files / generation_config.json kept in the checkpoint.
 Tensors are streamed: one shard in memory at a time.
@@ -19,15 +19,14 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without an install
+# Runnable without an install; torch is imported lazily (see convert_hf_to_megatron.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from megatron_tbrm.hf_mapping import WeightsError, check_tp_heads  # noqa: E402
-from megatron_tbrm.model import DTYPES, ModelConfig, ModelConfigError  # noqa: E402
+from convert_hf_to_megatron import DTYPE_CHOICES, free_port, launch  # noqa: E402
 
 HF_CONFIG = "hf_config.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -49,8 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size to load at")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size to load at")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"))
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="dtype of the written tensors (default: as saved in the checkpoint)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="dtype of the written tensors (default: the checkpoint's parameter dtype)")
     return p.parse_args(argv)
 
 
@@ -66,7 +65,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def validate(args: argparse.Namespace) -> tuple[Path, ModelConfig]:
+def validate(args: argparse.Namespace):
+    """(iter folder, ModelConfig), checked without megatron-core."""
+    from megatron_tbrm.hf_mapping import check_tp_heads
+    from megatron_tbrm.model import ModelConfig, ModelConfigError
+
     ckpt = resolve_checkpoint(args.ckpt)
     cfg = ModelConfig.from_hf(json.loads((ckpt / HF_CONFIG).read_text()))
     if args.tp < 1 or args.pp < 1:
@@ -82,6 +85,8 @@ def validate(args: argparse.Namespace) -> tuple[Path, ModelConfig]:
 def checkpoint_dtype(ckpt: Path) -> str:
     """'fp32' / 'bf16' / 'fp16': what the checkpoint's weights were saved in."""
     from megatron.core import dist_checkpointing
+
+    from megatron_tbrm.model import DTYPES
 
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
     dtype = meta["embedding.word_embeddings.weight"].dtype
@@ -128,14 +133,14 @@ class ShardWriter:
         return n
 
 
-def convert(args: argparse.Namespace, ckpt: Path, cfg: ModelConfig) -> None:
+def convert(args: argparse.Namespace, ckpt: Path, cfg) -> None:
     """Every rank: load at TP x PP, run the export collectives; rank 0 writes the folder."""
     import torch.distributed as dist
     from tqdm import tqdm
 
     from megatron_tbrm.checkpoint import TOKENIZER_FILES, load_checkpoint
-    from megatron_tbrm.hf_mapping import expected_hf_shapes, export_hf_weights, hf_config_for
-    from megatron_tbrm.model import build_model
+    from megatron_tbrm.hf_mapping import WeightsError, expected_hf_shapes, export_hf_weights, hf_config_for
+    from megatron_tbrm.model import DTYPES, build_model
     from megatron_tbrm.parallel import destroy_distributed, init_distributed
 
     ps = init_distributed(tp=args.tp, pp=args.pp)
@@ -148,11 +153,13 @@ def convert(args: argparse.Namespace, ckpt: Path, cfg: ModelConfig) -> None:
         out.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(out, args.max_shard_size)
     expected = expected_hf_shapes(cfg)
+    # One dtype for the folder: mcore keeps some parameters (local-spec norms) in fp32 under bf16.
+    out_dtype = DTYPES[args.dtype or cfg.dtype]
     bar = tqdm(total=len(expected), desc="export", unit="tensor", disable=ps.rank != 0)
     for name, tensor in export_hf_weights(chunks, cfg):
         if tuple(tensor.shape) != expected.get(name):
             raise WeightsError(f"exported {name!r} has shape {list(tensor.shape)}, config.json implies {expected.get(name)}")
-        writer.add(name, tensor.to(DTYPES[args.dtype]) if args.dtype else tensor)
+        writer.add(name, tensor.to(out_dtype))
         bar.update()
     bar.close()
     if ps.rank == 0:
@@ -169,21 +176,6 @@ def convert(args: argparse.Namespace, ckpt: Path, cfg: ModelConfig) -> None:
     destroy_distributed()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Re-run this script under torch.distributed.run with `nproc` local workers."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", __file__, *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -191,13 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     nproc = args.tp * args.pp
     if "WORLD_SIZE" not in os.environ:
         if nproc > 1:
-            rc = relaunch(nproc, argv)
+            rc = launch(__file__, nproc, argv)
             if rc:
                 raise SystemExit(f"error: conversion workers failed (exit code {rc})")
             return
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif int(os.environ["WORLD_SIZE"]) != nproc:
-        raise ModelConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but --tp x --pp = {nproc}: "
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but --tp x --pp = {nproc}: "
                                f"run one process per model-parallel rank")
     convert(args, ckpt, cfg)
 
@@ -205,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ModelConfigError, WeightsError, FileExistsError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: unreadable JSON: {e}") from None
+    except (ValueError, OSError) as e:  # ModelConfigError, WeightsError, missing/existing files
+        raise SystemExit(f"error: {e}") from None
