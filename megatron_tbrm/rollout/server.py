@@ -243,6 +243,7 @@ class VLLMServer:
             VLLM_CACHE_ROOT=str(self.work_dir / "cache"),
         )
         env.update(self.env)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
         _install_signal_handlers()
         self.proc = subprocess.Popen(
@@ -347,10 +348,14 @@ class VLLMServer:
         return RolloutServerError(msg)
 
     # ------------------------------------------------------------------ dev endpoints
-    def post(self, path: str, json: Any = None, params: dict | None = None, timeout: float = 600.0) -> Any:
-        """POST to an admin endpoint; errors name the server and the endpoint."""
+    def post(self, path: str, json: Any = None, params: dict | None = None, timeout: float = 600.0,
+             data: bytes | None = None) -> Any:
+        """POST to an admin endpoint (`json`, or `data`: an already encoded JSON body);
+        errors name the server and the endpoint."""
+        headers = {"Content-Type": "application/json"} if data is not None else None
         try:
-            r = requests.post(f"{self.url}{path}", json=json, params=params, timeout=(10.0, timeout))
+            r = requests.post(f"{self.url}{path}", json=json, data=data, params=params, headers=headers,
+                              timeout=(10.0, timeout))
         except requests.RequestException as e:
             raise self.error(f"failed on POST {path}: {e!r}" + ("" if self.alive() else " (server process is dead)")) from e
         if r.status_code != 200:
