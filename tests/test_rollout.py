@@ -29,7 +29,7 @@ def server(tiny_model_dir, tmp_path_factory):
     s = VLLMServer(tiny_model_dir, work_dir=tmp_path_factory.mktemp("vllm-rollout"), **SERVER_KW)
     s.start()
     try:
-        s.wait_healthy(timeout=300)
+        s.wait_healthy(timeout=900)
         yield s
     finally:
         s.stop()
@@ -185,7 +185,7 @@ def test_owner_sigkill_takes_server_down(tiny_model_dir, tmp_path, server):
         sys.path.insert(0, {str(REPO)!r})
         from megatron_tbrm.rollout import VLLMServer
         s = VLLMServer({str(tiny_model_dir)!r}, work_dir={str(tmp_path)!r}, **{SERVER_KW!r})
-        s.start().wait_healthy(300)
+        s.start().wait_healthy(900)
         print(os.getpgid(s.proc.pid), flush=True)
         time.sleep(600)
     """)

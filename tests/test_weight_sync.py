@@ -22,7 +22,7 @@ def server(tiny_model_dir, tmp_path_factory):
                    max_num_seqs=8, seed=0, work_dir=tmp_path_factory.mktemp("vllm-sync"))
     s.start()
     try:
-        s.wait_healthy(timeout=300)
+        s.wait_healthy(timeout=900)
         yield s
     finally:
         s.stop()

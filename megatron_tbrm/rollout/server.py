@@ -310,6 +310,11 @@ class VLLMServer:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+            # SIGKILL is delivered asynchronously (a loaded machine takes a while to tear
+            # down a big process): return only once the group is empty.
+            deadline = time.monotonic() + 10.0
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
