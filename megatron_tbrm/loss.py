@@ -119,11 +119,14 @@ def tbrm_terms(
     vocab_size: int | None = None,
     tp_group: ProcessGroup | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    v_offset: float = 0.0,
 ) -> TBRMTerms:
     """delta = V(s_1) + sum_h [log pi(a_h|s_h) - log pi_ref(a_h|s_h)] - r / beta, all fp32.
 
     V(s_1) is the log-sum-exp over the true vocabulary at the first position where loss_mask
     is 1 (the last prompt position, which predicts a_1). Sums are never length-normalised.
+    `v_offset` is a constant subtracted from V(s_1): a uniform output bias of -v_offset,
+    which leaves the softmax policy unchanged (0 = the paper's objective).
     """
     b = logits.shape[0]
     _check_shape("rewards", rewards, (b,))
@@ -137,7 +140,7 @@ def tbrm_terms(
     _check_finite("ref_logprobs", ref_logprobs, mask)
 
     first = mask.int().argmax(dim=1)  # argmax returns the first of equal maxima
-    v_s1 = lse.gather(1, first.unsqueeze(1)).squeeze(1)
+    v_s1 = lse.gather(1, first.unsqueeze(1)).squeeze(1) - v_offset
     ref = torch.where(mask, ref_logprobs.float(), torch.zeros_like(logprob))  # masked may be nan
     log_ratio_sum = (logprob - ref).sum(dim=1)
     delta = v_s1 + log_ratio_sum - rewards.float() / beta
@@ -160,10 +163,12 @@ def tbrm_loss_sums(
     vocab_size: int | None = None,
     tp_group: ProcessGroup | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    v_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(sum of delta^2, number of trajectories, metric [sum, count] pairs) for a forward_step."""
     t = tbrm_terms(
-        logits, labels, ref_logprobs, rewards, loss_mask, beta, vocab_size, tp_group, chunk_size
+        logits, labels, ref_logprobs, rewards, loss_mask, beta, vocab_size, tp_group, chunk_size,
+        v_offset,
     )
     b = t.delta.shape[0]
     delta, success = t.delta.detach(), rewards > 0
@@ -191,10 +196,12 @@ def tbrm_loss(
     vocab_size: int | None = None,
     tp_group: ProcessGroup | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    v_offset: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean over the batch of delta^2, and metrics (see `tbrm_loss_sums`, `reduce_metrics`)."""
     loss_sum, n, metric_sums = tbrm_loss_sums(
-        logits, labels, ref_logprobs, rewards, loss_mask, beta, vocab_size, tp_group, chunk_size
+        logits, labels, ref_logprobs, rewards, loss_mask, beta, vocab_size, tp_group, chunk_size,
+        v_offset,
     )
     return loss_sum / n, reduce_metrics(metric_sums)
 

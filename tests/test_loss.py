@@ -304,3 +304,20 @@ def test_grpo_advantages_bad_input() -> None:
         grpo_advantages(torch.zeros(6), group_size=4)
     with pytest.raises(ValueError, match="rewards"):
         grpo_advantages(torch.tensor([0.0, float("nan")]), group_size=2)
+
+
+def test_tbrm_value_offset_is_a_uniform_output_bias() -> None:
+    """v_offset = c equals running the plain loss on logits - c (a uniform output bias: the
+    policy is unchanged, V(s_1) drops by c), checked against the fp64 reference."""
+    c = 3.25
+    inp = make_inputs(torch.float32, 40)
+    shifted = dict(inp, logits=torch.cat([inp["logits"][..., :VOCAB] - c, inp["logits"][..., VOCAB:]], -1))
+    ref_loss, ref_grad, ref_m = tbrm_reference(shifted)
+    logits = inp["logits"].clone().requires_grad_()
+    loss, m = tbrm_loss(logits, inp["labels"], inp["ref_logprobs"], inp["rewards"], inp["loss_mask"], BETA,
+                        vocab_size=VOCAB, v_offset=c)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(logits.grad.double(), ref_grad, rtol=1e-4, atol=1e-4)
+    assert m["v_s1_mean"] == pytest.approx(ref_m["v_s1_mean"], abs=1e-4)
+    assert m["log_ratio_sum_mean"] == pytest.approx(ref_m["log_ratio_sum_mean"], abs=1e-4)
