@@ -216,22 +216,24 @@ class Engine:
             c.to(device)
 
 
-def reduce_metrics(per_microbatch: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Sum metric sums over micro-batches, then over the whole world (only the last stage's TP
-    rank 0 of each DP replica contributes), so every rank holds the global sums."""
+def reduce_metrics(per_microbatch: Iterable[dict]) -> dict:
+    """Sum metric values (floats, or tensors such as [sum, count] pairs) over micro-batches,
+    then over the whole world (only the last stage's TP rank 0 of each DP replica contributes),
+    so every rank holds the global sums."""
     from megatron.core import parallel_state as mpu
 
-    local: dict[str, float] = {}
+    local: dict = {}
     for m in per_microbatch:
         for k, v in m.items():
-            local[k] = local.get(k, 0.0) + float(v)
+            v = v.detach().double().cpu() if torch.is_tensor(v) else float(v)
+            local[k] = local[k] + v if k in local else v
     contributes = mpu.is_pipeline_last_stage() and mpu.get_tensor_model_parallel_rank() == 0
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local if contributes else {})
-    total: dict[str, float] = {}
+    total: dict = {}
     for g in gathered:
         for k, v in g.items():
-            total[k] = total.get(k, 0.0) + v
+            total[k] = total[k] + v if k in total else v
     return total
 
 

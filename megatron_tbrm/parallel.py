@@ -120,12 +120,15 @@ def current_state() -> ParallelState:
     )
 
 
-def destroy_distributed() -> None:
-    """Tear down cleanly: an exit without destroy_process_group() sometimes aborts under gloo."""
+def destroy_distributed(barrier: bool = True) -> None:
+    """Tear down cleanly: an exit without destroy_process_group() sometimes aborts under gloo.
+    After an error pass barrier=False: the other ranks may be blocked in a collective, and the
+    launcher stops them once this rank exits non-zero."""
     from megatron.core import parallel_state as mpu
 
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

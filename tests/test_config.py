@@ -67,3 +67,18 @@ def test_yaml_file_errors(tmp_path):
     bad.write_text("model:\n  pathh: x\n")
     with pytest.raises(ConfigError, match="unknown config key 'model.pathh'"):
         load_config(bad)
+
+
+def test_every_recipe_loads():
+    """Every shipped YAML recipe type-checks (paths point at the user's files, so no validate)."""
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 7
+    for r in recipes:
+        cfg = load_config(r)
+        assert cfg.loss.beta > 0, r
+        if "grpo" in r.name:
+            assert cfg.loss.name == "grpo" and cfg.rollout.n == 4
+        if "n1" in r.name:
+            assert cfg.loss.name == "tbrm" and cfg.rollout.n == 1

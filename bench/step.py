@@ -1,0 +1,153 @@
+"""Step cost, measured side by side in one run:
+
+A. TBRM update step vs a supervised cross-entropy step on the same tiny model and batch
+   (Megatron forward+backward+optimizer; the reference forward excluded): the loss overhead.
+   Goal: under 10%.
+B. Wall time of a full TBRM n=1 step vs a GRPO n=4 step on the same prompts (rollout through
+   the real vLLM server, reward, reference forward, update, weight sync). The paper reports 3.1x
+   on 7B; here rollouts of a tiny model are cheap, so the ratio says how this stack splits time.
+
+    python bench/step.py [--nproc 2] [--skip-full]
+
+A runs under torchrun with --nproc ranks (DP); B launches the trainer twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_update(model_dir: str, rows: int, seq: int, reps: int) -> None:
+    """torchrun rank body for part A."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_tbrm.engine import Engine, OptimSettings, split_microbatches
+    from megatron_tbrm.hf_mapping import import_hf_weights
+    from megatron_tbrm.loss import tbrm_loss_sums
+    from megatron_tbrm.model import ModelConfig
+    from megatron_tbrm.parallel import destroy_distributed, init_distributed
+    from megatron_tbrm.vocab_parallel import vocab_parallel_logprob
+
+    ps = init_distributed(seed=0)
+    cfg = ModelConfig.from_hf(model_dir)
+    eng = Engine(cfg, OptimSettings(lr=1e-5, total_steps=100))
+    import_hf_weights(eng.chunks, cfg, model_dir)
+    eng.optimizer.reload_model_params()
+    gen = torch.Generator().manual_seed(ps.dp_rank)
+    tokens = torch.randint(0, cfg.vocab_size, (rows, seq + 1), generator=gen)
+    mask = torch.zeros(rows, seq)
+    mask[:, seq // 2 :] = 1.0  # second half of each row is the "response"
+    batch = {
+        "tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "loss_mask": mask,
+        "position_ids": torch.arange(seq).expand(rows, -1).contiguous(),
+        "ref_logprobs": -torch.rand(rows, seq, generator=gen) * 5, "rewards": (torch.rand(rows, generator=gen) > 0.5).float(),
+    }
+    mbs = split_microbatches(batch, max(rows // 2, 1))
+
+    def ce(mb, logits):
+        lp, _ = vocab_parallel_logprob(logits, mb["labels"], cfg.vocab_size, None, mask=mb["loss_mask"].bool())
+        n = mb["loss_mask"].sum()
+        return -(lp * mb["loss_mask"]).sum(), n.to(torch.int), {}
+
+    def tbrm(mb, logits):
+        s, n, _ = tbrm_loss_sums(logits, mb["labels"], mb["ref_logprobs"], mb["rewards"], mb["loss_mask"], 0.002,
+                                 vocab_size=cfg.vocab_size)
+        return s, n, {}
+
+    times: dict[str, list[float]] = {"ce": [], "tbrm": []}
+    for i in range(reps + 2):
+        for name, fn in (("ce", ce), ("tbrm", tbrm)):  # interleaved: drift hits both alike
+            dist.barrier()
+            t0 = time.perf_counter()
+            eng.run(mbs, fn)
+            eng.step()
+            dist.barrier()
+            if i >= 2:  # warm-up
+                times[name].append(time.perf_counter() - t0)
+    if ps.rank == 0:
+        print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
+    destroy_distributed()
+
+
+def part_a(model_dir: Path, nproc: int, rows: int, seq: int, reps: int) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
+           __file__, "--worker", str(model_dir), str(rows), str(seq), str(reps)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if out.returncode:
+        raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def part_b(model_dir: Path, data: Path, nproc: int, steps: int, work: Path) -> dict:
+    res = {}
+    for name, over in (("tbrm_n1", ["loss.name=tbrm", "rollout.n=1"]),
+                       ("grpo_n4", ["loss.name=grpo", "rollout.n=4"])):
+        run_dir = work / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
+               "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
+               f"model.path={model_dir}", f"data.train_path={data}", f"run.dir={run_dir}", f"train.steps={steps}",
+               "eval.every=0", "checkpoint.save_every=0", "model.value_offset=false", "run.progress=false",
+               "train.prompts_per_step=32", "train.micro_batch_size=8", *over]
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if out.returncode:
+            raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "step_s" in r][1:]  # the first step warms up
+        res[name] = {k: statistics.median(r[k] for r in rows) for k in ("step_s", "rollout_s", "ref_s", "train_s", "sync_s")}
+    return res
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker_update(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--skip-full", action="store_true", help="only part A")
+    a = ap.parse_args()
+
+    from megatron_tbrm.data import make_arithmetic_splits
+    from megatron_tbrm.tiny import TinyModelSpec, write_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
+        work = Path(tmp)
+        model = write_tiny_model(work / "model", TinyModelSpec())
+        train, _ = make_arithmetic_splits(work / "data", 512, 16)
+        a_res = part_a(model, a.nproc, a.rows, a.seq, a.reps)
+        print(f"A. update step on the tiny model, {a.rows} rows x {a.seq} tokens per DP rank, {a.nproc} ranks")
+        print(f"   cross-entropy step: {a_res['ce'] * 1e3:8.1f} ms")
+        print(f"   TBRM step:          {a_res['tbrm'] * 1e3:8.1f} ms")
+        print(f"   TBRM / CE:          {a_res['tbrm'] / a_res['ce']:8.3f}   (goal < 1.10)")
+        if a.skip_full:
+            return
+        b = part_b(model, train, a.nproc, a.steps, work)
+        print(f"B. full step, same prompts (32 per step), {a.nproc} trainer ranks, vLLM CPU server")
+        for k, v in b.items():
+            print(f"   {k}: " + ", ".join(f"{m}={s:.2f}s" for m, s in v.items()))
+        print(f"   GRPO n=4 / TBRM n=1 step time: {b['grpo_n4']['step_s'] / b['tbrm_n1']['step_s']:.2f}x   (paper, 7B: 3.1x)")
+
+
+if __name__ == "__main__":
+    main()
