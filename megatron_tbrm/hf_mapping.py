@@ -177,8 +177,8 @@ def _local_params(model_chunks: list, cfg: ModelConfig) -> list[tuple[int, str, 
     for c, chunk in enumerate(model_chunks):
         model = unwrap(chunk)
         for name, p in model.named_parameters():
-            if name == "output_layer.weight" and cfg.tie_word_embeddings:
-                out.append((c, name, p, TABLES[cfg.family][0], None))
+            if _is_tied_copy(name, cfg):
+                out.append((c, name, p, _match(cfg, "embedding.word_embeddings.weight")[0], None))
                 continue
             row, local = _match(cfg, name)
             if not row.applies(cfg):
@@ -397,10 +397,11 @@ def _to_hf(kind: str, full: torch.Tensor, cfg: ModelConfig, tp: int) -> list[tor
 
 
 def _order(row_idx: int, layer: Optional[int], row: Row, cfg: ModelConfig) -> tuple[int, int]:
-    # HF order: embedding, layers 0..L-1, final norm, lm_head.
+    """Sort key giving HF order: embedding (-1), layers 0..L-1, final norm and lm_head (L).
+    The first element doubles as the `{i}` of layer rows."""
     if layer is not None:
         return (layer, row_idx)
-    return (-1, row_idx) if row.kind == VOCAB and row.megatron.startswith("embedding") else (cfg.num_layers, row_idx)
+    return (-1 if row.megatron.startswith("embedding.") else cfg.num_layers, row_idx)
 
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
