@@ -3,8 +3,8 @@
 
     python tools/convert_hf_to_megatron.py --hf-dir DIR --out CKPT --tp 2 --pp 2 [--dtype bf16]
 
-One command: with TP x PP > 1 it re-runs itself under torch.distributed.run with that many
-processes (gloo on CPU, NCCL on GPU). Each rank reads only its own slices of the safetensors
+One command: with TP x PP > 1 it starts that many worker processes of itself (torchrun's
+environment; gloo on CPU, NCCL on GPU). Each rank reads only its own slices of the safetensors
 files (megatron_tbrm.hf_mapping) and the model is saved in the trainer's checkpoint layout
 (megatron_tbrm/checkpoint.py), so training starts from CKPT and
 tools/convert_megatron_to_hf.py turns it back into an HF folder:
@@ -24,13 +24,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without an install
+# Runnable without an install. Only the standard library at module level: the process
+# dist_checkpointing spawns re-imports this file, and torch would cost it seconds.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_tbrm.hf_mapping import HFWeights, WeightsError, check_tp_heads  # noqa: E402
-from megatron_tbrm.model import DTYPES, ModelConfig, ModelConfigError  # noqa: E402
-
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 _HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -40,13 +41,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="checkpoint root to create (must not exist or be empty)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="parameter dtype of the checkpoint (default: the source's torch_dtype, else fp32)")
     return p.parse_args(argv)
 
 
-def validate(args: argparse.Namespace) -> ModelConfig:
-    """Everything that can be checked without megatron-core, on the launching process."""
+def validate(args: argparse.Namespace):
+    """Everything that can be checked without megatron-core, on the launching process.
+    Returns the ModelConfig."""
+    from megatron_tbrm.hf_mapping import HFWeights, check_tp_heads
+    from megatron_tbrm.model import ModelConfig, ModelConfigError
+
     cfg = ModelConfig.from_hf(args.hf_dir)
     cfg.dtype = args.dtype or _HF_DTYPES.get(cfg.hf_config.get("torch_dtype") or cfg.hf_config.get("dtype"), "fp32")
     if args.tp < 1 or args.pp < 1:
@@ -67,16 +72,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Re-run this script under torch.distributed.run with `nproc` local workers."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", __file__, *argv]
-    env = dict(os.environ)
+def launch(script: str, nproc: int, argv: list[str]) -> int:
+    """Run `script argv` as `nproc` local ranks with torchrun's environment variables.
+
+    A minimal torchrun: no extra launcher process importing torch, and when one rank
+    fails the others are stopped instead of waiting in a collective until the timeout.
+    """
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
+               LOCAL_WORLD_SIZE=str(nproc))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    procs = [subprocess.Popen([sys.executable, script, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(nproc)]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
 
 
-def convert(args: argparse.Namespace, cfg: ModelConfig) -> None:
+def convert(args: argparse.Namespace, cfg) -> None:
     """One rank's share: build the model at TP x PP, import its slices, save (collective)."""
     from megatron_tbrm.checkpoint import save_checkpoint
     from megatron_tbrm.hf_mapping import import_hf_weights
@@ -99,13 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     nproc = args.tp * args.pp
     if "WORLD_SIZE" not in os.environ:
         if nproc > 1:
-            rc = relaunch(nproc, argv)
+            rc = launch(__file__, nproc, argv)
             if rc:
                 raise SystemExit(f"error: conversion workers failed (exit code {rc})")
             return
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif int(os.environ["WORLD_SIZE"]) != nproc:
-        raise ModelConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but --tp x --pp = {nproc}: "
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but --tp x --pp = {nproc}: "
                                f"run one process per model-parallel rank")
     convert(args, cfg)
 
@@ -113,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ModelConfigError, WeightsError, FileExistsError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: unreadable JSON: {e}") from None
+    except (ValueError, OSError) as e:  # ModelConfigError, WeightsError, missing/existing files
+        raise SystemExit(f"error: {e}") from None
