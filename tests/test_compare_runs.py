@@ -1,0 +1,125 @@
+"""tools/compare_runs.py on synthetic metrics.jsonl files: table values computed by hand,
+a PNG with one panel per (metric, x-axis)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import compare_runs  # noqa: E402
+
+
+def write_run(path: Path, records: list[dict], tail: str = "") -> Path:
+    path.mkdir(parents=True)
+    with open(path / "metrics.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.write(tail)
+    return path
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    # tbrm: steps 1..10, 2 s per step after a 10 s start, reward 0.1*step, eval every 5 steps.
+    tbrm = [{"step": s, "wall_time": 10.0 + 2.0 * s, "reward_mean": 0.1 * s, "loss": 1.0} for s in range(1, 11)]
+    tbrm[4]["eval_accuracy"] = 0.3
+    tbrm[9]["eval_accuracy"] = 0.5
+    # grpo: steps 1..8, 5 s per step, reward rises then falls (best != final); no eval.
+    rewards = [0.1, 0.2, 0.4, 0.6, 0.5, 0.4, 0.3, 0.2]
+    grpo = [{"step": s, "wall_time": 5.0 * s, "reward_mean": r, "loss": 2.0} for s, r in zip(range(1, 9), rewards)]
+    # A resumed run re-logged step 8 (the last record wins) and the last line is half written.
+    grpo.append({"step": 8, "wall_time": 40.0, "reward_mean": 0.25, "loss": 2.0})
+    a = write_run(tmp_path / "tbrm_n1", tbrm)
+    b = write_run(tmp_path / "grpo_n4", grpo, tail='{"step": 9, "wall_ti')
+    return a, b
+
+
+def _row(table: str, run: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == run:
+            return cells
+    raise AssertionError(f"no row for {run} in\n{table}")
+
+
+def test_table_values_and_png(two_runs, tmp_path):
+    out = tmp_path / "plots" / "compare.png"
+    table = compare_runs.main([str(p) for p in two_runs] + ["--out", str(out)])
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert header == ["run", "steps", "reward_mean final", "reward_mean best", "reward_mean last-5 mean",
+                      "eval_accuracy final", "eval_accuracy best", "eval_accuracy last-5 mean",
+                      "wall time", "time/step"]
+    # tbrm: final 1.0, best 1.0, last 5 = mean(0.6..1.0) = 0.8; eval final .5 best .5 mean .4;
+    # wall 30 s; (30 - 12) / (10 - 1) = 2 s per step.
+    assert _row(table, "tbrm_n1") == ["tbrm_n1", "10", "1", "1", "0.8", "0.5", "0.5", "0.4", "30.0 s", "2.0 s"]
+    # grpo: 8 steps, step 8 re-logged as 0.25; best 0.6; the last 5 are 0.6, 0.5, 0.4, 0.3, 0.25;
+    # wall 40 s; (40 - 5) / (8 - 1) = 5 s per step; no eval.
+    last5 = (0.6 + 0.5 + 0.4 + 0.3 + 0.25) / 5
+    assert _row(table, "grpo_n4") == ["grpo_n4", "8", "0.25", "0.6", f"{last5:.4g}", "-", "-", "-",
+                                      "40.0 s", "5.0 s"]
+
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image as mpimg
+    h, w = mpimg.imread(out).shape[:2]
+    assert (w, h) == (1200, 800)  # 2 columns (step, wall time) x 2 rows (reward, eval accuracy)
+
+
+def test_plot_lines_follow_the_data(two_runs, tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = compare_runs.load_runs(two_runs)
+    captured = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *a, **kw):
+        captured["fig"] = fig
+        return real_savefig(fig, *a, **kw)
+
+    plt.Figure.savefig = spy
+    try:
+        compare_runs.plot(runs, tmp_path / "c.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    axes = captured["fig"].axes
+    assert len(axes) == 4
+    by_label = {line.get_label(): line for line in axes[0].get_lines()}  # reward vs step
+    assert sorted(by_label) == ["grpo_n4", "tbrm_n1"]
+    assert list(by_label["tbrm_n1"].get_xdata()) == list(range(1, 11))
+    assert list(by_label["grpo_n4"].get_ydata())[-1] == 0.25
+    wall = {line.get_label(): line for line in axes[1].get_lines()}  # reward vs wall time (s)
+    assert list(wall["grpo_n4"].get_xdata()) == [5.0 * s for s in range(1, 9)]
+    evals = {line.get_label(): line for line in axes[2].get_lines()}  # eval accuracy vs step
+    assert list(evals) == ["tbrm_n1"] and list(evals["tbrm_n1"].get_xdata()) == [5, 10]
+
+
+def test_cli_and_errors(two_runs, tmp_path):
+    out = tmp_path / "cli.png"
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "compare_runs.py"), *map(str, two_runs),
+                        "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sum(line.startswith("|") for line in r.stdout.splitlines()) == 4  # header, rule, 2 runs
+    assert "tbrm_n1" in r.stdout and out.is_file()
+
+    missing = tmp_path / "nothing"
+    missing.mkdir()
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "compare_runs.py"), str(two_runs[0]), str(missing)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "nothing/metrics.jsonl does not exist" in r.stderr
+
+    bad = write_run(tmp_path / "bad", [{"step": 1, "wall_time": 1.0, "loss": 3.0}])
+    with pytest.raises(ValueError, match="no numeric 'reward_mean'"):
+        compare_runs.main([str(bad), "--out", str(tmp_path / "x.png")])
+
+
+def test_same_folder_names_get_their_parent():
+    paths = [Path("/r/a/run"), Path("/r/b/run"), Path("/r/c")]
+    assert compare_runs.labels_for(paths) == ["a/run", "b/run", "c"]
