@@ -88,6 +88,7 @@ class RolloutSection:
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
+    max_restarts: int = 3  # consecutive server failures survived (restart + redo the batch)
     weight_sync: WeightSyncSection = field(default_factory=WeightSyncSection)
 
 
@@ -316,8 +317,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     layers = hf.get("num_hidden_layers")
     if heads is not None and heads % par.tp:
         raise ConfigError(f"config key 'parallel.tp': got {par.tp}, which does not divide num_attention_heads={heads} of {cfg.model.path}")
-    if kv_heads is not None and kv_heads % par.tp and par.tp % kv_heads:
-        raise ConfigError(f"config key 'parallel.tp': got {par.tp}, incompatible with num_key_value_heads={kv_heads} of {cfg.model.path}")
+    if kv_heads is not None and kv_heads % par.tp:
+        raise ConfigError(f"config key 'parallel.tp': got {par.tp}, which does not divide num_key_value_heads={kv_heads} of {cfg.model.path}")
     stages = par.pp * (par.vpp or 1)
     if layers is not None and layers % stages:
         raise ConfigError(f"config key 'parallel.pp': {par.pp} pipeline stages x {par.vpp or 1} virtual do not divide num_hidden_layers={layers} of {cfg.model.path}")

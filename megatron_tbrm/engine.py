@@ -133,6 +133,10 @@ class Engine:
             wd_incr_steps=decay_steps,
             wd_incr_style="constant",
         )
+        if o.warmup_steps:
+            # mcore's schedule gives lr=init_lr=0 at step 0; Megatron-LM steps it after each
+            # update, which would make the first update a no-op. Start at warmup step 1.
+            scheduler.step(increment=1)
         return optimizer, scheduler
 
     # ------------------------------------------------------------------ schedules

@@ -109,8 +109,8 @@ class ModelConfig:
     def check_parallel(self, tp: int, pp: int, vpp: Optional[int] = None) -> None:
         if self.num_attention_heads % tp:
             raise ModelConfigError(f"tensor parallel size {tp} does not divide num_attention_heads={self.num_attention_heads}")
-        if self.num_kv_heads % tp and tp % self.num_kv_heads:
-            raise ModelConfigError(f"tensor parallel size {tp} is incompatible with num_key_value_heads={self.num_kv_heads}")
+        if self.num_kv_heads % tp:  # megatron-core shards KV groups; it does not replicate them
+            raise ModelConfigError(f"tensor parallel size {tp} does not divide num_key_value_heads={self.num_kv_heads}")
         if self.ffn_hidden_size % tp:
             raise ModelConfigError(f"tensor parallel size {tp} does not divide intermediate_size={self.ffn_hidden_size}")
         stages = pp * (vpp or 1)

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from .config import Config, ConfigError, load_config, validate
 
 PAD_MULTIPLE = 8
+# Fault injection (tests, docs/reliability.md): steps whose loss is made NaN, e.g. "2,3".
+_INJECT_NAN_STEPS = {int(x) for x in os.environ.get("TBRM_INJECT_NAN_STEPS", "").split(",") if x.strip()}
 
 
 class TrainingStopped(RuntimeError):
@@ -105,6 +107,9 @@ class Trainer:
         self.dataset = PromptDataset(d.train_path, self.tokenizer, d.prompt_key, d.answer_key, d.system_prompt,
                                      d.max_prompt_tokens, d.strict)
         self.sampler = PromptSampler(self.dataset, cfg.train.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
+        st = self.dataset.stats
+        self.data_stats = {"data_rows": float(st.rows), "data_rows_skipped": float(st.bad),
+                           "data_prompts_too_long": float(st.too_long)}
         self.eval_items = None
         if cfg.eval.every and (cfg.eval.path or d.eval_path):
             ev = PromptDataset(cfg.eval.path or d.eval_path, self.tokenizer, d.prompt_key, d.answer_key,
@@ -114,6 +119,7 @@ class Trainer:
         self.step = 0
         self.v_offset = 0.0
         self.bad_steps = 0
+        self.server_failures = 0
         if resume:
             self._resume()
 
@@ -214,6 +220,40 @@ class Trainer:
         }
         return rows, info
 
+    def _rollout_or_restart(self) -> tuple:
+        """Rank 0: ("ok", rows, info, sampler state), or ("restart",) after the server died and
+        was restarted (the batch is put back, to be redone). Repeated failures raise with the
+        server's log."""
+        from .rollout.server import RolloutServerError
+
+        before = self.sampler.state_dict()
+        try:
+            rows, info = self._rollout()
+        except RolloutServerError as e:
+            self.server_failures += 1
+            limit = self.cfg.rollout.max_restarts
+            if self.cfg.rollout.server_url or self.server_failures > limit:
+                raise RolloutServerError(f"rollout failed at step {self.step} ({self.server_failures} failure(s) in a row, "
+                                         f"rollout.max_restarts={limit}): {e}") from None
+            print(f"[train] rollout server failed at step {self.step}: {str(e).splitlines()[0]}; restarting it "
+                  f"({self.server_failures}/{limit}) and redoing the batch", file=sys.stderr, flush=True)
+            self.sampler.load_state_dict(before)
+            self.server.stop()
+            self.server.start()
+            self.server.wait_healthy(self.cfg.rollout.startup_timeout_s)
+            return ("restart",)
+        self.server_failures = 0
+        if self.cfg.loss.name == "grpo":
+            from .loss import grpo_advantages
+
+            rewards = torch.tensor([r["rewards"] for r in rows])
+            # Groups are the n samples of one prompt; an empty response breaks its group.
+            n = self.cfg.rollout.n
+            adv = grpo_advantages(rewards, n) if len(rows) % n == 0 else rewards - rewards.mean()
+            for r, a in zip(rows, adv.tolist()):
+                r["advantages"] = a
+        return ("ok", rows, info, self.sampler.state_dict())
+
     def _shard_rows(self, rows: list[dict]) -> list[dict]:
         """Keep a multiple of DP x micro-batch rows (dropping from the end), take this DP rank's."""
         unit = self.ps.dp_size * self.cfg.train.micro_batch_size
@@ -253,6 +293,8 @@ class Trainer:
             mask = mb["loss_mask"]
             gap = ((lp - mb["old_logprobs"]).abs() * mask).sum()
             sums["logprob_gap"] = torch.stack([gap.double(), mask.sum().double()])
+            if self.step + 1 in _INJECT_NAN_STEPS:  # fault injection for the reliability tests
+                loss_sum = loss_sum * float("nan")
             sums["loss"] = torch.stack([loss_sum.detach().double(), count.double()])
             return loss_sum, count, sums
 
@@ -302,23 +344,21 @@ class Trainer:
 
     def train_step(self) -> Optional[dict]:
         from .engine import finite, pad_batch, reduce_metrics, split_microbatches
-        from .loss import grpo_advantages
         from .loss import reduce_metrics as to_means
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        payload: list[Any] = [None]
-        if self.is_main:
-            rows, info = self._rollout()
-            if cfg.loss.name == "grpo":
-                rewards = torch.tensor([r["rewards"] for r in rows])
-                # Groups are the n samples of one prompt; an empty response drops out of its group.
-                adv = grpo_advantages(rewards, cfg.rollout.n) if len(rows) % cfg.rollout.n == 0 else rewards - rewards.mean()
-                for r, a in zip(rows, adv.tolist()):
-                    r["advantages"] = a
-            payload = [(rows, info, self.sampler.state_dict())]
-        dist.broadcast_object_list(payload, src=0)
-        rows, info, sampler_state = payload[0]
+        while True:
+            payload: list[Any] = [None]
+            if self.is_main:
+                payload = [self._rollout_or_restart()]
+            dist.broadcast_object_list(payload, src=0)
+            if payload[0][0] == "ok":
+                break
+            # The server was restarted from the HF folder: every rank takes part in pushing the
+            # current policy back in, then the same batch is rolled out again.
+            self.push_weights()
+        _, rows, info, sampler_state = payload[0]
         if not self.is_main:
             self.sampler.load_state_dict(sampler_state)
         mine = self._shard_rows(rows)
@@ -366,7 +406,8 @@ class Trainer:
             step=self.step, trajectories=n_items, sync_s=sync_metrics.get("duration_s", t_end - t_sync),
             ref_s=t_train - t_ref, train_s=t_sync - t_train, step_s=t_end - t0,
             tokens_per_s=info["response_tokens"] / max(t_end - t0, 1e-9), wall_time=time.time() - self.t_start,
-            bad_steps=float(self.bad_steps),
+            bad_steps=float(self.bad_steps), server_restarts_in_a_row=float(self.server_failures),
+            **self.data_stats,
         )
         return metrics
 
