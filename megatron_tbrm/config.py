@@ -227,7 +227,7 @@ def _build(cls, data: Any, prefix: str):
         raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)  # YAML keys may be ints, null, ...
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(names)}")
@@ -248,7 +248,10 @@ def _apply_override(tree: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. "a: b: c", "[1"): the raw text, type-checked like any value
     parts = key.strip().split(".")
     node = tree
     for p in parts[:-1]:
@@ -266,8 +269,8 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] =
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping, got {type(tree).__name__}")
