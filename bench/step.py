@@ -34,8 +34,18 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+# Part A architectures: the demo's tiny model (weights from its folder), or a Qwen2.5-0.5B-shaped
+# model with random weights (real vocabulary 151,936: the size where the loss's cost shows).
+ARCHS = {
+    "qwen2.5-0.5b": dict(architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=896,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, max_position_embeddings=32768, rope_theta=1000000.0,
+                         tie_word_embeddings=True),
+}
+
+
 def worker_update(model_dir: str, rows: int, seq: int, reps: int) -> None:
-    """torchrun rank body for part A."""
+    """torchrun rank body for part A. `model_dir` is an HF folder or a name in ARCHS."""
     import torch
     import torch.distributed as dist
 
@@ -47,10 +57,14 @@ def worker_update(model_dir: str, rows: int, seq: int, reps: int) -> None:
     from megatron_tbrm.vocab_parallel import vocab_parallel_logprob
 
     ps = init_distributed(seed=0)
-    cfg = ModelConfig.from_hf(model_dir)
-    eng = Engine(cfg, OptimSettings(lr=1e-5, total_steps=100))
-    import_hf_weights(eng.chunks, cfg, model_dir)
-    eng.optimizer.reload_model_params()
+    if model_dir in ARCHS:
+        cfg = ModelConfig.from_hf(ARCHS[model_dir], dtype="bf16" if torch.cuda.is_available() else "fp32")
+        eng = Engine(cfg, OptimSettings(lr=1e-5, total_steps=100))
+    else:
+        cfg = ModelConfig.from_hf(model_dir)
+        eng = Engine(cfg, OptimSettings(lr=1e-5, total_steps=100))
+        import_hf_weights(eng.chunks, cfg, model_dir)
+        eng.optimizer.reload_model_params()
     gen = torch.Generator().manual_seed(ps.dp_rank)
     tokens = torch.randint(0, cfg.vocab_size, (rows, seq + 1), generator=gen)
     mask = torch.zeros(rows, seq)
@@ -76,14 +90,22 @@ def worker_update(model_dir: str, rows: int, seq: int, reps: int) -> None:
     for i in range(reps + 2):
         for name, fn in (("ce", ce), ("tbrm", tbrm)):  # interleaved: drift hits both alike
             dist.barrier()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             eng.run(mbs, fn)
             eng.step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             dist.barrier()
             if i >= 2:  # warm-up
                 times[name].append(time.perf_counter() - t0)
     if ps.rank == 0:
-        print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
+        out = {k: statistics.median(v) for k, v in times.items()}
+        if torch.cuda.is_available():
+            out["device"] = torch.cuda.get_device_name()
+            out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(json.dumps(out))
     destroy_distributed()
 
 
@@ -126,6 +148,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--skip-full", action="store_true", help="only part A")
+    ap.add_argument("--arch", default="tiny", choices=["tiny", *ARCHS], help="part A's model")
     a = ap.parse_args()
 
     from megatron_tbrm.data import make_arithmetic_splits
@@ -135,11 +158,14 @@ def main() -> None:
         work = Path(tmp)
         model = write_tiny_model(work / "model", TinyModelSpec())
         train, _ = make_arithmetic_splits(work / "data", 512, 16)
-        a_res = part_a(model, a.nproc, a.rows, a.seq, a.reps)
-        print(f"A. update step on the tiny model, {a.rows} rows x {a.seq} tokens per DP rank, {a.nproc} ranks")
+        a_res = part_a(model if a.arch == "tiny" else a.arch, a.nproc, a.rows, a.seq, a.reps)
+        where = a_res.get("device", "CPU")
+        print(f"A. update step, {a.arch} model, {a.rows} rows x {a.seq} tokens per DP rank, {a.nproc} ranks, {where}")
         print(f"   cross-entropy step: {a_res['ce'] * 1e3:8.1f} ms")
         print(f"   TBRM step:          {a_res['tbrm'] * 1e3:8.1f} ms")
         print(f"   TBRM / CE:          {a_res['tbrm'] / a_res['ce']:8.3f}   (goal < 1.10)")
+        if "peak_gib" in a_res:
+            print(f"   peak GPU memory:    {a_res['peak_gib']:8.2f} GiB")
         if a.skip_full:
             return
         b = part_b(model, train, a.nproc, a.steps, work)

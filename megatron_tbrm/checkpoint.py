@@ -144,6 +144,27 @@ def copy_hf_metadata(hf_dir: str | Path, dest: str | Path) -> None:
             shutil.copy2(hf_dir / name, dest / name)
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """torch's Adam creates its state at the first step, but mcore's loading state dict needs
+    it to exist (Megatron-LM never sees this: it runs apex/TE FusedAdam). A step with lr 0 and
+    zero gradients creates it without touching the weights; the load then overwrites it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if any(len(inner.state[p]) for p in params):
+            continue
+        lrs = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        for g, lr in zip(inner.param_groups, lrs):
+            g["lr"] = lr
+        for p in params:
+            p.grad = None
+
+
 def load_checkpoint(
     path: str | Path,
     chunks: list,
@@ -168,6 +189,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"{path} is not a dist_checkpointing checkpoint (no metadata.json)")
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
     loaded = dist_checkpointing.load(state, str(path))
     for i, c in enumerate(chunks):

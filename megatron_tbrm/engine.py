@@ -144,6 +144,8 @@ class Engine:
     @staticmethod
     def _forward_step(loss_fn: LossFn, data_iterator, model):
         mb = next(data_iterator)
+        if torch.cuda.is_available():  # batches are built on the host
+            mb = {k: v.cuda(non_blocking=True) for k, v in mb.items()}
         output = model(mb["tokens"], mb["position_ids"], attention_mask=None)
         # The schedule calls this on the last stage only; `non_loss_data` marks collect mode.
         return output, lambda logits, non_loss_data=False: loss_fn(mb, logits)

@@ -78,10 +78,13 @@ def test_tp2_steps_finite_policy_moves_and_server_follows(tp2_run):
         assert r["trajectories"] == 8
     # step 1: the policy is the reference
     assert abs(rows[0]["log_ratio_sum_mean"]) < 1e-4
-    assert rows[0]["logprob_gap"] < 1e-3
+    assert rows[0]["logprob_gap"] < 1e-4
     # step 2: the update moved the policy, and the server sampled with the moved policy
     assert abs(rows[1]["log_ratio_sum_mean"]) > 1e-3
-    assert rows[1]["logprob_gap"] < 1e-3 < abs(rows[1]["log_ratio_sum_mean"])
+    # (issue 4: trainer at TP=2 changed its weights and synced; the server's log-probs of the
+    # sampled tokens match the trainer's to 1e-4 in fp32, while the update moved them clearly)
+    assert rows[1]["logprob_gap"] < 1e-4
+    assert abs(rows[1]["log_ratio_sum_mean"]) > 100 * rows[1]["logprob_gap"]
     assert (run_dir / "curves.png").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     assert list((run_dir / "tensorboard").iterdir())
