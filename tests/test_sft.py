@@ -89,7 +89,7 @@ def test_sft_tp2_lowers_ce_and_writes_loadable_folder(tiny_model_dir, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
         "-m", "megatron_tbrm.sft", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out),
         "--tp", "2", "--steps", "6", "--batch", str(N), "--micro-batch-size", "2", "--lr", "3e-3",
-        "--warmup-steps", "1", "--no-progress", "--metrics-out", str(metrics),
+        "--warmup-steps", "1", "--decay-steps", "6", "--no-progress", "--metrics-out", str(metrics),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
