@@ -177,3 +177,32 @@ def apply() -> bool:
         _applied = True
     return True
 
+
+
+_adam_fixed = False
+
+
+def apply_torch_adam_fixes() -> None:
+    """Without apex/TE, megatron-core falls back to torch's Adam (CPU, or a bare GPU image).
+    Its per-parameter 'step' state is stored per param group in the fully reshardable
+    distributed-optimizer checkpoint, and mcore's loader then looks for it per parameter
+    (KeyError 'step'). Copy the parameter's own step onto itself there; mcore restores the
+    real step from the param groups right after. A no-op when apex or TE is present."""
+    global _adam_fixed
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if _adam_fixed or dopt.HAVE_APEX_OR_TE:
+        return
+    original = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state.get(main_param, {}).get("step")
+            if step is not None:
+                tensors = dict(tensors, step=step)
+        return original(self, model_param, tensors)
+
+    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    _adam_fixed = True

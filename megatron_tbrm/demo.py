@@ -92,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--steps", type=int, default=None, help="TBRM steps (default: the recipe's)")
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--sft-match", type=float, default=0.3,
+                    help="warm start until the training-batch greedy exact match reaches this")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides for the TBRM recipe")
     a = ap.parse_args(argv)
 
     from .data import make_arithmetic_splits
+    from .sft import DEMO_DATA, DEMO_MODEL_SPEC
     from .tiny import TinyModelSpec, write_tiny_model
 
     t0 = time.time()
@@ -106,12 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     base, sft_model, data_dir, run_dir = out / "base_model", out / "sft_model", out / "data", out / "tbrm"
 
     print("[demo] 1/4 tiny model + tokenizer", flush=True)
-    write_tiny_model(base, TinyModelSpec())
-    train, test = make_arithmetic_splits(data_dir, n_train=4000, n_test=200, seed=0)
+    write_tiny_model(base, TinyModelSpec(**DEMO_MODEL_SPEC))
+    train, test = make_arithmetic_splits(data_dir, n_train=4000, n_test=200, seed=0, **DEMO_DATA)
 
-    _run(torchrun(a.nproc, "megatron_tbrm.sft", "--model", str(base), "--data", str(train), "--out", str(sft_model),
-                  "--steps", str(a.sft_steps)),
-         "2/4 supervised warm start (Megatron, DP=2)")
+    # Stop the warm start once it is right sometimes, not often (see megatron_tbrm/sft.py).
+    sft = ["--model", str(base), "--data", str(train), "--out", str(sft_model), "--steps", "400",
+           "--stop-at-match", str(a.sft_match)]
+    _run(torchrun(a.nproc, "megatron_tbrm.sft", *sft), "2/4 supervised warm start (Megatron, DP=2)")
 
     if run_dir.exists():  # a fresh run each time: the demo's numbers are for this run
         import shutil

@@ -95,6 +95,7 @@ def init_distributed(
         context_parallel_size=cp,
         distributed_timeout_minutes=timeout_minutes,
     )
+    cpu_patches.apply_torch_adam_fixes()
     set_seed(seed)
     # Offsets per TP rank for sharded init/dropout; the tracker is required even with dropout 0.
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
