@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import os
-import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor

@@ -90,6 +90,37 @@ def test_tp2_steps_finite_policy_moves_and_server_follows(tp2_run):
     assert list((run_dir / "tensorboard").iterdir())
 
 
+def _serve_folder(server, folder: Path) -> None:
+    """vLLM's own reload of an HF folder (not our weight sync)."""
+    server.pause("wait")
+    server.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+    server.reset_prefix_cache()
+    server.resume()
+
+
+def test_trainer_checkpoint_converts_to_hf_that_vllm_serves(tp2_run, tmp_path, tiny_model_dir, server):
+    """Issue 6: the trainer's last checkpoint -> tools/convert_megatron_to_hf.py -> an HF folder
+    that vLLM loads with the log-probs of the trainer's final weights (which the weight sync put
+    into the server after the last step)."""
+    from megatron_tbrm.rollout.client import RolloutClient
+
+    run_dir, _ = tp2_run
+    client = RolloutClient.for_server(server, timeout=120)
+    prompt, response = [1, 5, 17, 40, 2, 1], [33, 60, 7, 91, 12, 2]
+    trained = client.score_logprobs(prompt, response)  # the trainer's weights, via the sync
+    out = tmp_path / "hf"
+    p = subprocess.run([sys.executable, str(REPO / "tools/convert_megatron_to_hf.py"), "--ckpt",
+                        str(run_dir / "checkpoints"), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    _serve_folder(server, tiny_model_dir)  # back to the initial weights: the next check can fail
+    initial = client.score_logprobs(prompt, response)
+    assert max(abs(a - b) for a, b in zip(initial, trained)) > 1e-3
+    _serve_folder(server, out)
+    converted = client.score_logprobs(prompt, response)
+    assert max(abs(a - b) for a, b in zip(converted, trained)) < 1e-5
+
+
 def test_resume_reproduces_uninterrupted_step(tp2_run, tmp_path, tiny_model_dir, data, server):
     run_dir, rows = tp2_run
     resumed = tmp_path / "resumed"

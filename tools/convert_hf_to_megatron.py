@@ -100,6 +100,22 @@ def launch(script: str, nproc: int, argv: list[str]) -> int:
             p.wait()
 
 
+def is_worker(script: str, nproc: int, argv: list[str]) -> bool:
+    """True when this process does the work: a launched rank, or a world of one. Otherwise
+    launch `nproc` ranks of `script` and return False once they all succeeded."""
+    if "WORLD_SIZE" not in os.environ:
+        if nproc > 1:
+            rc = launch(script, nproc, argv)
+            if rc:
+                raise SystemExit(f"error: conversion workers failed (exit code {rc})")
+            return False
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    elif int(os.environ["WORLD_SIZE"]) != nproc:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but --tp x --pp = {nproc}: "
+                         f"run one process per model-parallel rank")
+    return True
+
+
 def convert(args: argparse.Namespace, cfg) -> None:
     """One rank's share: build the model at TP x PP, import its slices, save (collective)."""
     from megatron_tbrm.checkpoint import save_checkpoint
@@ -120,18 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     cfg = validate(args)
-    nproc = args.tp * args.pp
-    if "WORLD_SIZE" not in os.environ:
-        if nproc > 1:
-            rc = launch(__file__, nproc, argv)
-            if rc:
-                raise SystemExit(f"error: conversion workers failed (exit code {rc})")
-            return
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    elif int(os.environ["WORLD_SIZE"]) != nproc:
-        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but --tp x --pp = {nproc}: "
-                               f"run one process per model-parallel rank")
-    convert(args, cfg)
+    if is_worker(__file__, args.tp * args.pp, argv):
+        convert(args, cfg)
 
 
 if __name__ == "__main__":

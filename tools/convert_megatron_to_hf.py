@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from convert_hf_to_megatron import DTYPE_CHOICES, free_port, launch  # noqa: E402
+from convert_hf_to_megatron import DTYPE_CHOICES, is_worker  # noqa: E402
 
 HF_CONFIG = "hf_config.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -180,18 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     ckpt, cfg = validate(args)
-    nproc = args.tp * args.pp
-    if "WORLD_SIZE" not in os.environ:
-        if nproc > 1:
-            rc = launch(__file__, nproc, argv)
-            if rc:
-                raise SystemExit(f"error: conversion workers failed (exit code {rc})")
-            return
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    elif int(os.environ["WORLD_SIZE"]) != nproc:
-        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but --tp x --pp = {nproc}: "
-                               f"run one process per model-parallel rank")
-    convert(args, ckpt, cfg)
+    if is_worker(__file__, args.tp * args.pp, argv):
+        convert(args, ckpt, cfg)
 
 
 if __name__ == "__main__":
