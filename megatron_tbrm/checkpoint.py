@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -53,12 +54,17 @@ def iteration_dir(root: str | Path, iteration: int) -> Path:
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint under `root`, or None."""
-    marker = Path(root) / "latest"
-    if not marker.is_file():
-        return None
-    path = Path(root) / marker.read_text().strip()
-    return path if path.is_dir() else None
+    """The newest complete checkpoint under `root`, or None: the one `latest` names; if `latest`
+    is missing or names a folder that is gone (a crash while re-saving that iteration), the
+    highest `iter_N` (a folder gets that name only once its save is complete)."""
+    root = Path(root)
+    marker = root / "latest"
+    if marker.is_file():
+        path = root / marker.read_text().strip()
+        if path.is_dir():
+            return path
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and re.fullmatch(r"iter_\d+", p.name))
+    return done[-1] if done else None
 
 
 def _rng_state() -> dict:
@@ -125,12 +131,17 @@ def save_checkpoint(
             copy_hf_metadata(hf_dir, tmp)
     dist.barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        old = final.with_name(final.name + ".old")
+        if final.exists():  # re-saving an iteration: move the old copy aside, never delete it first
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
         os.replace(tmp, final)
         marker_tmp = root / "latest.tmp"
         marker_tmp.write_text(final.name)
         os.replace(marker_tmp, root / "latest")
+        if old.exists():
+            shutil.rmtree(old)
     dist.barrier()
     return final
 
