@@ -1,5 +1,6 @@
-"""Foundation: the tiny GPT gives the same loss and gradients at every TP/PP/VPP layout, a
-distributed-optimizer step at DP=2 equals DP=1, and a checkpoint saved at TP=2 reloads at TP=1.
+"""Foundation + TBRM invariance: the tiny GPT with the TBRM loss gives the same loss and
+gradients at every TP/PP/VPP layout and micro-batch size, a distributed-optimizer step at DP=2
+equals DP=1, and a checkpoint saved at TP=2 reloads at TP=1.
 
 Every layout runs in real processes over gloo (tests/workers/mcore_worker.py); the reference is
 the TP=1, PP=1 single-process run of the same model from the same full weights.
@@ -35,10 +36,12 @@ def tp2_saved(tmp_path_factory):
 
 
 def _assert_same_grads(got: dict, ref: dict) -> None:
-    assert got["loss"] == pytest.approx(ref["loss"], abs=1e-6)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert set(got["grads"]) == set(ref["grads"])
     for name, g in ref["grads"].items():
-        torch.testing.assert_close(got["grads"][name], g, atol=1e-6, rtol=1e-5, msg=name)
+        # fp32 reductions in another order: ~1e-7 of the tensor's scale; a layout bug is O(1).
+        err = (got["grads"][name] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+        assert err < 2e-6, (name, err)
 
 
 def test_tp2_matches_single_process(reference, tp2_saved):
@@ -51,16 +54,18 @@ def test_tp2_matches_single_process(reference, tp2_saved):
         (2, ["--pp", 2]),  # 1F1B
         (4, ["--tp", 2, "--pp", 2]),
         (2, ["--pp", 2, "--vpp", 2]),  # interleaved 1F1B (PP=2: the gloo p2p tag patch matters)
+        (1, ["--mbs", 1]),
+        (1, ["--mbs", 4]),
     ],
-    ids=["pp2", "tp2xpp2", "pp2-interleaved"],
+    ids=["pp2", "tp2xpp2", "pp2-interleaved", "mbs1", "mbs4"],
 )
-def test_pipeline_layouts_match_single_process(tmp_path, reference, nproc, layout):
+def test_layouts_and_micro_batches_match_single_process(tmp_path, reference, nproc, layout):
     _assert_same_grads(_run(tmp_path, "layout", nproc, *layout), reference)
 
 
 def test_distributed_optimizer_dp2_step_equals_dp1(tmp_path, reference):
     two = _run(tmp_path, "dp2", 2)  # DP=2 with the distributed optimizer
-    assert two["loss"] == pytest.approx(reference["loss"], abs=1e-6)
+    assert two["loss"] == pytest.approx(reference["loss"], rel=1e-6)
     assert _max_diff(reference["params"], two["params"]) < 1e-5
     assert _max_diff(reference["params"], reference["init"]) > 1e-3  # the step moved the weights
 

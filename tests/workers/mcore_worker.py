@@ -1,6 +1,7 @@
 """torchrun worker for the foundation tests: the tiny GPT at any TP/PP/VPP/DP over gloo.
 
-Weights come from a deterministic full (TP=1, unpadded-by-layout) state built here from the
+The loss is TBRM's (delta^2 per trajectory, vocab-parallel, padded vocabulary). Weights come
+from a deterministic full (TP=1, unpadded-by-layout) state built here from the
 parameter's global name, then sliced for this rank by the test's own sharding rules, so every
 layout starts from the same model. Gradients are gathered back to the full layout and written
 out for the test process to compare.
@@ -105,25 +106,35 @@ def gather_full(chunks, attr: str) -> dict[str, torch.Tensor]:
 
 
 def batch(n: int, seq: int = 24) -> dict[str, torch.Tensor]:
+    """Rows whose responses start and end at different positions, with rewards and ref log-probs."""
     gen = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, VOCAB, (n, seq + 1), generator=gen)
-    mask = (torch.rand(n, seq, generator=gen) > 0.3).float()
+    mask = torch.zeros(n, seq)
+    for i in range(n):
+        start = 4 + (3 * i) % 9
+        mask[i, start : start + 6 + i % 5] = 1.0
     return {
         "tokens": tokens[:, :-1].contiguous(),
         "labels": tokens[:, 1:].contiguous(),
         "loss_mask": mask,
+        "ref_logprobs": -4.0 - torch.rand(n, seq, generator=gen),
+        "rewards": (torch.arange(n) % 3 == 0).float(),
         "position_ids": torch.arange(seq).unsqueeze(0).expand(n, -1).contiguous(),
     }
 
 
-def ce_loss(mb, logits):
-    """Token cross-entropy summed over masked tokens (per-token-loss convention).
-    Uses megatron-core's own vocab-parallel CE (it overwrites its input, so pass a copy)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+def tbrm_loss(mb, logits):
+    """The TBRM objective (mean of delta^2 over trajectories, per-token-loss convention)."""
+    from megatron.core import parallel_state as mpu
 
-    losses = vocab_parallel_cross_entropy(logits.float().clone(), mb["labels"])
-    loss_sum = (losses * mb["loss_mask"]).sum()
-    count = mb["loss_mask"].sum().to(torch.int)
+    from megatron_tbrm.loss import tbrm_loss_sums
+
+    tp = mpu.get_tensor_model_parallel_world_size()
+    loss_sum, count, _ = tbrm_loss_sums(
+        logits, mb["labels"], mb["ref_logprobs"], mb["rewards"], mb["loss_mask"], 0.5,
+        vocab_size=VOCAB - 5,  # the last columns are padding: excluded at every layout
+        tp_group=mpu.get_tensor_model_parallel_group() if tp > 1 else None,
+    )
     return loss_sum, count, {"loss_sum": loss_sum.item(), "count": count.item()}
 
 
@@ -154,7 +165,7 @@ def main() -> None:
         rows = batch(a.rows)
         per_dp = a.rows // ps.dp_size
         mine = {k: v[ps.dp_rank * per_dp : (ps.dp_rank + 1) * per_dp] for k, v in rows.items()}
-        m = reduce_metrics(eng.run(split_microbatches(mine, a.mbs), ce_loss))
+        m = reduce_metrics(eng.run(split_microbatches(mine, a.mbs), tbrm_loss))
         result["loss"] = m["loss_sum"] / m["count"]
         if ps.dp_size == 1:  # the distributed optimizer leaves each DP rank only its grad shard
             result["grads"] = gather_full(eng.chunks, "grad")
