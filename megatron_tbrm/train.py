@@ -321,7 +321,11 @@ class Trainer:
                 mb["ref_logprobs"] = lp.float()
 
     def _calibrate_value_offset(self, microbatches: list[dict]) -> None:
-        """model.value_offset: subtract the base model's mean V(s_1) (policy unchanged)."""
+        """model.value_offset: shift V(s_1) by a constant (a uniform output bias: the policy is
+        unchanged) so that the base model's mean V(s_1) equals the first batch's mean target
+        r/beta. Otherwise the first updates spend themselves moving V by up to r/beta through
+        the first response token's logit, which disturbs the policy (shared/notes/tbrm.md saw
+        collapses from a V far from r/beta)."""
         from megatron.core import parallel_state as mpu
 
         from .engine import reduce_metrics
@@ -334,13 +338,18 @@ class Trainer:
                                             mask=mb["loss_mask"].bool())
             first = mb["loss_mask"].argmax(dim=1)
             v = lse.gather(1, first.unsqueeze(1)).squeeze(1)
-            return {"v": torch.stack([v.sum().double(), torch.tensor(float(v.numel()), dtype=torch.float64)])}
+            n = torch.tensor(float(v.numel()), dtype=torch.float64)
+            return {"v": torch.stack([v.sum().double(), n]),
+                    "target": torch.stack([mb["rewards"].sum().double() / self.cfg.loss.beta, n])}
 
         out = self.ref.run(microbatches, collect, forward_only=True, collect=True)
-        total = reduce_metrics(out if self.ps.is_last_stage else [])["v"]
-        self.v_offset = float(total[0] / total[1])
+        sums = reduce_metrics(out if self.ps.is_last_stage else [])
+        v_mean = float(sums["v"][0] / sums["v"][1])
+        target = float(sums["target"][0] / sums["target"][1])
+        self.v_offset = v_mean - target
         if self.is_main:
-            print(f"[train] value offset: base mean V(s_1) = {self.v_offset:.3f}", flush=True)
+            print(f"[train] value offset {self.v_offset:.3f}: base mean V(s_1) {v_mean:.3f} -> mean r/beta "
+                  f"{target:.3f} of the first batch", flush=True)
 
     def train_step(self) -> Optional[dict]:
         from .engine import finite, pad_batch, reduce_metrics, split_microbatches
@@ -416,7 +425,20 @@ class Trainer:
 
         named = export_hf_weights(self.policy.chunks, self.model_cfg)
         if self.is_main:
-            return self.sync.push(named)
+            from .rollout.server import RolloutServerError
+
+            try:
+                return self.sync.push(named)
+            except RolloutServerError as e:
+                if self.cfg.rollout.server_url or self.server.alive():
+                    raise
+                # Our server died during the push: the next rollout finds it dead, restarts it and
+                # pushes these weights again. Finish the export: the other ranks are in its gathers.
+                print(f"[train] weight push failed, the server is dead: {str(e).splitlines()[0]}",
+                      file=sys.stderr, flush=True)
+                for _ in named:
+                    pass
+                return {}
         for _ in named:  # every rank takes part in the gathers
             pass
         return {}
