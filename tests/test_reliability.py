@@ -357,7 +357,7 @@ def test_vllm_restart_then_sigkill_then_resume_reproduces_uninterrupted(tmp_path
     current weights, the batch redone), then the whole trainer is SIGKILLed after step 2. No
     process survives; --resume finishes the run, and every step matches an uninterrupted run."""
     own_server(shared)
-    args = ("parallel.tp=2", "train.steps=4", "checkpoint.save_every=1")
+    args = ("parallel.tp=2", "train.steps=5", "checkpoint.save_every=1")
     crash_dir = tmp_path / "crash"
     run = Launch(crash_dir, trainer_args(crash_dir, tiny_model_dir, data, *args))
     launches.append(run)
@@ -366,17 +366,19 @@ def test_vllm_restart_then_sigkill_then_resume_reproduces_uninterrupted(tmp_path
     os.killpg(os.getpgid(first.pid), signal.SIGKILL)
     # The kill lands in a rollout or in a weight push (then the next rollout finds the server dead).
     run.wait_text("restarting it (1/3) and redoing the batch")
-    second = run.vllm_server(other_than=first.pid)
     run.wait_step(2)
-    time.sleep(random.uniform(0.0, 1.0))  # into step 3 (or the step-2 save)
+    time.sleep(random.uniform(0.0, 0.5))  # into step 3 (or the step-2 save)
     os.killpg(run.proc.pid, signal.SIGKILL)
     assert run.wait(60) == -signal.SIGKILL
-    # The vLLM server is in its own session, out of reach of the killpg: PR_SET_PDEATHSIG stops it.
+    # torchrun runs each rank in its own session and the vLLM server has its own too, so the killpg
+    # reaches only the launcher: the ranks die with it (PR_SET_PDEATHSIG, train._die_with_launcher),
+    # the server with rank 0 (its own PR_SET_PDEATHSIG).
     assert not (left := run.leftovers()), f"orphans after SIGKILL:\n{describe(left)}"
     crashed = run.metrics()
     assert [r["step"] for r in crashed][:2] == [1, 2] and all(r["update_ok"] == 1.0 for r in crashed)
-    assert len(crashed) < 4, "the run finished before the SIGKILL"
-    assert second.pid != first.pid
+    assert len(crashed) < 5, "the run finished before the SIGKILL"
+    # the restarted server wrote its start-up to the same log
+    assert (crash_dir / "vllm" / "server.log").read_text(errors="replace").count("Starting vLLM") >= 2
 
     resumed = Launch(crash_dir, trainer_args(crash_dir, tiny_model_dir, data, *args,
                                              f"rollout.server_url={shared.url}"), resume=True)
@@ -388,11 +390,11 @@ def test_vllm_restart_then_sigkill_then_resume_reproduces_uninterrupted(tmp_path
     launches.append(ref)
     expected = {r["step"]: r for r in ref.check_ok()}
     got = {r["step"]: r for r in rows}  # the resumed steps overwrite the crashed run's rows
-    assert sorted(got) == [1, 2, 3, 4] and sorted(expected) == [1, 2, 3, 4]
-    for step in (1, 2, 3, 4):
+    assert sorted(got) == [1, 2, 3, 4, 5] and sorted(expected) == [1, 2, 3, 4, 5]
+    for step in (1, 2, 3, 4, 5):
         for k in COMPARE:
             assert got[step][k] == pytest.approx(expected[step][k], rel=1e-5, abs=1e-5), (step, k)
-    assert (crash_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    assert (crash_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000005"
     assert not (left := resumed.leftovers() + ref.leftovers()), describe(left)
 
 
@@ -406,7 +408,7 @@ def _weights(ckpt: Path, tmp: Path) -> dict:
     out = tmp / f"{ckpt.name}.pt"
     dcp_to_torch_save(str(ckpt), str(out))
     sd = torch.load(out, weights_only=False)
-    return {k: v for k, v in sd.items() if k.startswith("model.") and hasattr(v, "shape")}
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
 
 
 def test_nan_loss_skips_update_then_stops_with_last_good_state(tmp_path, tiny_model_dir, data, shared, launches):
@@ -427,13 +429,15 @@ def test_nan_loss_skips_update_then_stops_with_last_good_state(tmp_path, tiny_mo
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["update_ok"] for r in rows] == [1.0, 0.0, 1.0, 0.0]
     assert rows[1]["loss"] is None and rows[1]["bad_steps"] == 1.0 and rows[2]["bad_steps"] == 0.0
+    import torch
+
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "iter_0000004"
     w = {i: _weights(ckpts / f"iter_{i:07d}", tmp_path) for i in (1, 2, 3, 4)}
     assert w[1] and w[1].keys() == w[4].keys()
 
     def same(a, b):
-        return all((a[k] == b[k]).all() for k in a)
+        return all(torch.equal(a[k], b[k]) for k in a)
 
     assert same(w[1], w[2])  # step 2 skipped
     assert not same(w[2], w[3])  # the run went on: step 3 updated
