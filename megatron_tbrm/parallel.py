@@ -51,6 +51,21 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def die_with_launcher() -> None:
+    """torchrun starts every rank in its own session, so a SIGKILL of the launcher (or of its
+    process group) would leave the ranks running unsupervised. Ask the kernel to SIGKILL this
+    rank when its parent (the launcher) dies; rank 0's vLLM server follows by its own PDEATHSIG."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
 def init_distributed(
     tp: int = 1,
     pp: int = 1,
@@ -67,6 +82,8 @@ def init_distributed(
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank
+        die_with_launcher()
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         cpu_patches.apply()
