@@ -208,6 +208,9 @@ def load_checkpoint(
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "scheduler" in loaded:
+        # mcore's load_state_dict *adds* the saved step count to the current one (it calls
+        # step(increment=num_steps)); our Engine starts at warmup step 1, so count from 0.
+        scheduler.num_steps = 0
         scheduler.load_state_dict(loaded["scheduler"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if load_rng and rng_file.is_file():

@@ -187,7 +187,12 @@ def apply_torch_adam_fixes() -> None:
     Its per-parameter 'step' state is stored per param group in the fully reshardable
     distributed-optimizer checkpoint, and mcore's loader then looks for it per parameter
     (KeyError 'step'). Copy the parameter's own step onto itself there; mcore restores the
-    real step from the param groups right after. A no-op when apex or TE is present."""
+    real step from the param groups right after. A no-op when apex or TE is present.
+
+    That restore gives every parameter the *same* 'step' tensor, and torch's Adam increments
+    each parameter's step in place, so after one update the shared step had advanced once per
+    parameter and bias correction was wrong: the first update after a resume differed from an
+    uninterrupted run. Give each parameter its own copy after the load."""
     global _adam_fixed
     from megatron.core.optimizer import distrib_optimizer as dopt
 
@@ -205,4 +210,13 @@ def apply_torch_adam_fixes() -> None:
         return original(self, model_param, tensors)
 
     dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    original_load = dopt.DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    dopt.DistributedOptimizer.load_state_dict = load_state_dict
     _adam_fixed = True

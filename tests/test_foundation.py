@@ -1,6 +1,7 @@
 """Foundation + TBRM invariance: the tiny GPT with the TBRM loss gives the same loss and
 gradients at every TP/PP/VPP layout and micro-batch size, a distributed-optimizer step at DP=2
-equals DP=1, and a checkpoint saved at TP=2 reloads at TP=1.
+equals DP=1, a checkpoint saved at TP=2 reloads at TP=1, and a resumed run repeats the
+uninterrupted updates (same layout: bit for bit; resharded to TP=2: to fp32 rounding).
 
 Every layout runs in real processes over gloo (tests/workers/mcore_worker.py); the reference is
 the TP=1, PP=1 single-process run of the same model from the same full weights.
@@ -78,3 +79,35 @@ def test_checkpoint_saved_at_tp2_reloads_at_tp1(tmp_path, tp2_saved):
     for name, ref in saved["params"].items():
         assert torch.equal(loaded["params"][name], ref), name
     assert _max_diff(saved["params"], saved["init"]) > 1e-3
+
+
+_RESUME = ("--steps", 3, "--adam-eps", 1e-4)
+
+
+@pytest.fixture(scope="module")
+def dp2_three_steps(tmp_path_factory):
+    """Three updates at DP=2 (distributed optimizer; warmup + cosine LR, weight decay), with a
+    checkpoint after the first. Adam's eps is 1e-4 here: with 1e-8, elements whose gradient is
+    ~1e-9 (attention keys at init) turn fp32 reduction-order noise into O(lr) updates, which
+    would hide a resharding error among layout noise; at 1e-4 a wrong moment still moves weights
+    by ~1e-2 (measured) while layout noise stays ~2e-6."""
+    d = tmp_path_factory.mktemp("dp2x3")
+    return _run(d, "dp2x3", 2, *_RESUME, "--save", d / "ckpt", "--save-at", 1), d / "ckpt"
+
+
+def test_resume_reproduces_the_uninterrupted_updates(tmp_path, dp2_three_steps):
+    # The updates after a resume need the Adam moments, Adam's step (bias correction) and the LR
+    # schedule position back exactly; each of those was once wrong here (see cpu_patches and
+    # checkpoint.load_checkpoint) while the first post-resume forward still matched.
+    full, ckpt = dp2_three_steps
+    resumed = _run(tmp_path, "resumed", 2, *_RESUME, "--resume", ckpt)
+    assert resumed["loss"] == full["loss"]
+    for name, p in full["params"].items():
+        assert torch.equal(resumed["params"][name], p), name
+
+
+def test_resume_reshards_the_optimizer_to_another_layout(tmp_path, dp2_three_steps):
+    full, ckpt = dp2_three_steps
+    resumed = _run(tmp_path, "resumed_tp2", 2, "--tp", 2, *_RESUME, "--resume", ckpt)
+    assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-6)
+    assert _max_diff(full["params"], resumed["params"]) < 1e-5

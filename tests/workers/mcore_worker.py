@@ -105,9 +105,9 @@ def gather_full(chunks, attr: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def batch(n: int, seq: int = 24) -> dict[str, torch.Tensor]:
+def batch(n: int, seq: int = 24, step: int = 1) -> dict[str, torch.Tensor]:
     """Rows whose responses start and end at different positions, with rewards and ref log-probs."""
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(7 + 1000 * (step - 1))
     tokens = torch.randint(0, VOCAB, (n, seq + 1), generator=gen)
     mask = torch.zeros(n, seq)
     for i in range(n):
@@ -145,14 +145,21 @@ def main() -> None:
     ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--mbs", type=int, default=2)
     ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--save", default=None, help="save a checkpoint here after the step")
+    ap.add_argument("--steps", type=int, default=1, help="optimizer steps, each on its own batch")
+    ap.add_argument("--save", default=None, help="save a checkpoint here after step --save-at")
+    ap.add_argument("--save-at", type=int, default=None, help="default: the last step")
     ap.add_argument("--load", default=None, help="only load this checkpoint and report the weights")
+    ap.add_argument("--resume", default=None, help="load weights+optimizer+scheduler, then run the remaining steps")
+    ap.add_argument("--adam-eps", type=float, default=1e-8)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
     ps = init_distributed(tp=a.tp, pp=a.pp, vpp=a.vpp, seed=1)
     cfg = ModelConfig.from_hf(HF)
-    eng = Engine(cfg, OptimSettings(lr=1e-2, clip_grad=0.0, distributed_optimizer=True, total_steps=10))
+    # Warmup, decay and weight decay so a resume must restore the schedule and Adam state exactly.
+    eng = Engine(cfg, OptimSettings(lr=1e-2, clip_grad=0.0, distributed_optimizer=True, total_steps=10,
+                                    warmup_steps=2, decay="cosine", weight_decay=0.1,
+                                    adam_eps=a.adam_eps))
     init_weights(eng.chunks, ps.tp_size, ps.tp_rank)
     eng.optimizer.reload_model_params()  # fp32 main copies follow the re-initialised weights
 
@@ -160,9 +167,15 @@ def main() -> None:
     if a.load:
         load_checkpoint(a.load, eng.chunks)
         result["params"] = gather_full(eng.chunks, "data")
+        first = a.steps + 1  # nothing to run
+    elif a.resume:
+        first = load_checkpoint(a.resume, eng.chunks, eng.optimizer, eng.scheduler)["iteration"] + 1
     else:
+        first = 1
         result["init"] = gather_full(eng.chunks, "data")
-        rows = batch(a.rows)
+    save_at = a.save_at or a.steps
+    for step in range(first, a.steps + 1):
+        rows = batch(a.rows, step=step)
         per_dp = a.rows // ps.dp_size
         mine = {k: v[ps.dp_rank * per_dp : (ps.dp_rank + 1) * per_dp] for k, v in rows.items()}
         m = reduce_metrics(eng.run(split_microbatches(mine, a.mbs), tbrm_loss))
@@ -171,8 +184,8 @@ def main() -> None:
             result["grads"] = gather_full(eng.chunks, "grad")
         eng.step()
         result["params"] = gather_full(eng.chunks, "data")
-        if a.save:
-            save_checkpoint(a.save, 1, eng.chunks, eng.optimizer, eng.scheduler)
+        if a.save and step == save_at:
+            save_checkpoint(a.save, step, eng.chunks, eng.optimizer, eng.scheduler)
 
     # Collect every pipeline stage's tensors on rank 0.
     gathered: list = [None] * ps.world_size
