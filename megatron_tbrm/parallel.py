@@ -64,6 +64,51 @@ def die_with_launcher() -> None:
         return
     if os.getppid() == 1:  # the launcher died before prctl took effect
         os._exit(1)
+    if os.getpgid(0) == os.getpid():  # torchrun made this rank a group leader
+        _start_group_reaper()
+
+
+# A SIGKILLed rank cannot clean up: the multiprocessing helpers it started (mcore's checkpoint
+# writer Manager, resource trackers) would live on. This process, in its own session so a kill
+# of the trainer's groups spares it, learns of the rank's death by PR_SET_PDEATHSIG, gives the
+# group 3 s to exit by itself (a normal exit: helpers finish their own cleanup), then SIGKILLs it.
+_REAPER = r"""
+import ctypes, os, signal, sys, time
+pgid, parent = int(sys.argv[1]), int(sys.argv[2])
+def reap(*_):
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, reap)
+ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    reap()
+while True:
+    signal.pause()
+"""
+
+
+_reaper = None
+
+
+def _start_group_reaper() -> None:
+    import subprocess
+    import sys
+
+    global _reaper
+    _reaper = subprocess.Popen(
+        [sys.executable, "-c", _REAPER, str(os.getpgid(0)), str(os.getpid())],
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )
 
 
 def init_distributed(
