@@ -18,6 +18,8 @@ from megatron_tbrm.eval import avg_pass_at_k, evaluate, format_table, generate_a
 from megatron_tbrm.reward import RewardScorer
 from megatron_tbrm.rollout.client import Trajectory
 
+from _vllm import vllm_server
+
 REPO = Path(__file__).resolve().parents[1]
 SERVER_KW = dict(dtype="float32", max_model_len=512, kv_cache_bytes=128 * 2**20, max_num_seqs=16, seed=0,
                  env={"HF_HUB_OFFLINE": "1"})
@@ -228,15 +230,8 @@ def test_cli_server_options_and_checkpoint_detection(tmp_path):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    from megatron_tbrm.rollout import VLLMServer
-
-    s = VLLMServer(tiny_model_dir, work_dir=tmp_path_factory.mktemp("vllm-eval"), **SERVER_KW)
-    s.start()
-    try:
-        s.wait_healthy(timeout=600)
+    with vllm_server(tiny_model_dir, tmp_path_factory.mktemp("vllm-eval"), **SERVER_KW) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_tiny_model_eval_is_reproducible_at_temperature_0(tiny_model_dir, server, scorer):

@@ -18,6 +18,8 @@ import pytest
 from megatron_tbrm.rollout import RolloutClient, RolloutServerError, Trajectory, VLLMServer
 from megatron_tbrm.rollout.server import group_members
 
+from _vllm import vllm_server
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 17, 33, 101, 250, 7], [64, 300, 12], [99, 140, 3, 77, 210, 45, 8, 31]]
 SERVER_KW = dict(dtype="float32", max_model_len=512, kv_cache_bytes=128 * 2**20, max_num_seqs=16, seed=0,
@@ -26,13 +28,8 @@ SERVER_KW = dict(dtype="float32", max_model_len=512, kv_cache_bytes=128 * 2**20,
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    s = VLLMServer(tiny_model_dir, work_dir=tmp_path_factory.mktemp("vllm-rollout"), **SERVER_KW)
-    s.start()
-    try:
-        s.wait_healthy(timeout=900)
+    with vllm_server(tiny_model_dir, tmp_path_factory.mktemp("vllm-rollout"), **SERVER_KW) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -23,19 +23,16 @@ from pathlib import Path
 import pytest
 
 from megatron_tbrm.data import make_arithmetic_splits
-from megatron_tbrm.rollout.server import VLLMServer
 
 from _dist import free_port
+from _vllm import vllm_server
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = VLLMServer(tiny_model_dir, dtype="float32", max_model_len=256, kv_cache_bytes=128 * 2**20,
-                     max_num_seqs=32, seed=0, work_dir=tmp_path_factory.mktemp("vllm"))
-    with srv:
-        srv.start().wait_healthy(600)
+    with vllm_server(tiny_model_dir, tmp_path_factory.mktemp("vllm"), max_model_len=256, max_num_seqs=32) as srv:
         yield srv
 
 

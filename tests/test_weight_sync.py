@@ -8,9 +8,11 @@ import psutil
 import pytest
 import torch
 
-from megatron_tbrm.rollout import RolloutClient, RolloutServerError, VLLMServer
+from megatron_tbrm.rollout import RolloutClient, RolloutServerError
 from megatron_tbrm.rollout.server import free_port, group_members
 from megatron_tbrm.weight_sync import WeightSync, buckets, logprob_gap
+
+from _vllm import vllm_server
 
 PROMPT = [5, 17, 33, 101, 250, 7, 64, 300]
 RESPONSE = [12, 99, 140, 3, 77, 210, 45, 8, 400, 31]
@@ -18,14 +20,8 @@ RESPONSE = [12, 99, 140, 3, 77, 210, 45, 8, 400, 31]
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    s = VLLMServer(tiny_model_dir, dtype="float32", max_model_len=512, kv_cache_bytes=128 * 2**20,
-                   max_num_seqs=8, seed=0, work_dir=tmp_path_factory.mktemp("vllm-sync"))
-    s.start()
-    try:
-        s.wait_healthy(timeout=900)
+    with vllm_server(tiny_model_dir, tmp_path_factory.mktemp("vllm-sync"), max_num_seqs=8) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -140,10 +140,17 @@ def main(argv: list[str] | None = None) -> None:
         convert(args, cfg)
 
 
-if __name__ == "__main__":
+
+def run_cli(main) -> None:
+    """A converter's entry point: bad input (missing/existing files, unreadable JSON, model
+    configs or weights that do not fit) ends with one `error: ...` line, not a traceback."""
     try:
         main()
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: unreadable JSON: {e}") from None
     except (ValueError, OSError) as e:  # ModelConfigError, WeightsError, missing/existing files
         raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from convert_hf_to_megatron import DTYPE_CHOICES, is_worker  # noqa: E402
+from convert_hf_to_megatron import DTYPE_CHOICES, is_worker, run_cli  # noqa: E402
 
 HF_CONFIG = "hf_config.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -185,9 +185,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: unreadable JSON: {e}") from None
-    except (ValueError, OSError) as e:  # ModelConfigError, WeightsError, missing/existing files
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)
