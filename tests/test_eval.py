@@ -21,8 +21,6 @@ from megatron_tbrm.rollout.client import Trajectory
 from _vllm import vllm_server
 
 REPO = Path(__file__).resolve().parents[1]
-SERVER_KW = dict(dtype="float32", max_model_len=512, kv_cache_bytes=128 * 2**20, max_num_seqs=16, seed=0,
-                 env={"HF_HUB_OFFLINE": "1"})
 
 
 class FakeClient:
@@ -230,7 +228,7 @@ def test_cli_server_options_and_checkpoint_detection(tmp_path):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with vllm_server(tiny_model_dir, tmp_path_factory.mktemp("vllm-eval"), **SERVER_KW) as s:
+    with vllm_server(tiny_model_dir, tmp_path_factory.mktemp("vllm-eval"), timeout=600, max_num_seqs=16) as s:
         yield s
 
 

@@ -18,12 +18,11 @@ import pytest
 from megatron_tbrm.rollout import RolloutClient, RolloutServerError, Trajectory, VLLMServer
 from megatron_tbrm.rollout.server import group_members
 
-from _vllm import vllm_server
+from _vllm import DEFAULTS, vllm_server
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 17, 33, 101, 250, 7], [64, 300, 12], [99, 140, 3, 77, 210, 45, 8, 31]]
-SERVER_KW = dict(dtype="float32", max_model_len=512, kv_cache_bytes=128 * 2**20, max_num_seqs=16, seed=0,
-                 env={"HF_HUB_OFFLINE": "1"})
+SERVER_KW = dict(DEFAULTS, max_num_seqs=16)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with vllm_server(tiny_model_dir, tmp_path_factory.mktemp("vllm"), max_model_len=256, max_num_seqs=32) as srv:
+    with vllm_server(tiny_model_dir, tmp_path_factory.mktemp("vllm"), timeout=600, max_model_len=256,
+                     max_num_seqs=32) as srv:
         yield srv
 
 

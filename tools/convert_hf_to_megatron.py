@@ -140,7 +140,6 @@ def main(argv: list[str] | None = None) -> None:
         convert(args, cfg)
 
 
-
 def run_cli(main) -> None:
     """A converter's entry point: bad input (missing/existing files, unreadable JSON, model
     configs or weights that do not fit) ends with one `error: ...` line, not a traceback."""
