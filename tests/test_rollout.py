@@ -84,6 +84,21 @@ def test_sampler_logprobs_are_those_of_the_sampled_tokens(client):
         assert max(abs(a - b) for a, b in zip(s, t.response_logprobs)) < 1e-4
 
 
+def test_seeded_requests_over_the_token_budget_survive_and_reproduce(server):
+    """Concurrent seeded prompts whose tokens exceed one scheduler step's budget (16 x 400
+    tokens > 4096): with chunked prefill vLLM split them, rewound CPU generators with
+    set_offset and the engine died ("CPU Generator does not use offset", issue 13 item 7).
+    The samples must also not depend on how the requests were batched: the same seeds sent
+    one at a time give the same tokens."""
+    prompts = [[(7 * i + 13 * j) % 500 + 3 for j in range(400)] for i in range(16)]
+    busy = RolloutClient.for_server(server, max_concurrency=16, timeout=300, retries=0)
+    together = busy.generate(prompts, n=2, temperature=1.0, max_tokens=8, seed=11, progress=False)
+    assert server.alive()
+    alone = RolloutClient.for_server(server, max_concurrency=1, timeout=300, retries=0)
+    one_by_one = alone.generate(prompts[:4], n=2, temperature=1.0, max_tokens=8, seed=11, progress=False)
+    assert [t.response_token_ids for t in one_by_one] == [t.response_token_ids for t in together[:8]]
+
+
 def test_port_in_use_is_reported(server, tiny_model_dir, tmp_path):
     other = VLLMServer(tiny_model_dir, port=server.port, work_dir=tmp_path, **SERVER_KW)
     with pytest.raises(RolloutServerError, match=f"port {server.port} on 127.0.0.1 is already in use"):

@@ -77,6 +77,33 @@ def _cli_args(extra: list[str] | dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_scheduler_args(model: str | os.PathLike, max_model_len: int | None) -> list[str]:
+    """vLLM CLI args that keep the CPU engine alive under seeded sampling.
+
+    With chunked prefill, a prompt that does not fit the step's batched-token budget is
+    prefilled over several scheduler steps; vLLM samples a token for it on each partial step,
+    discards it and rewinds the request's generator with `Generator.set_offset`, which CPU
+    generators lack: `RuntimeError: CPU Generator does not use offset` kills the engine
+    (vllm/v1/worker/gpu_model_runner.py, 0.32). Without chunked prefill every prompt is
+    prefilled in one step, nothing is discarded, and per-request seeds stay reproducible.
+    vLLM then needs a budget of at least max_model_len tokens per step."""
+    if max_model_len is None:
+        import json
+
+        try:
+            cfg = json.loads((Path(model) / "config.json").read_text())
+            max_model_len = int(cfg.get("max_position_embeddings") or 0) or None
+        except (OSError, ValueError):
+            max_model_len = None
+    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len or 0, 4096))]
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """preexec_fn: ask the kernel to SIGTERM the server when the owner dies, even by
     SIGKILL. SIGTERM (not SIGKILL) lets vLLM's API server take its engine processes down.
@@ -200,9 +227,7 @@ class VLLMServer:
     def command(self) -> list[str]:
         enforce_eager = self.enforce_eager
         if enforce_eager is None:  # CUDA graphs are a GPU feature; eager is what CPU runs
-            import torch
-
-            enforce_eager = not torch.cuda.is_available()
+            enforce_eager = not _cuda_available()
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model,
@@ -222,6 +247,8 @@ class VLLMServer:
             cmd += ["--max-num-seqs", str(self.max_num_seqs)]
         if enforce_eager:
             cmd.append("--enforce-eager")
+        if not _cuda_available():
+            cmd += cpu_scheduler_args(self.model, self.max_model_len)
         return cmd + _cli_args(self.extra_args)
 
     def start(self) -> "VLLMServer":
