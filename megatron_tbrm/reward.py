@@ -13,6 +13,8 @@ So anything that may reach sympy runs in worker processes; a worker that exceeds
 is killed and replaced, and the sample scores 0 (counted in `stats["timeouts"]`). A reward
 may also register a cheap in-process `fast` path that returns a verdict or None; the math
 reward settles plain integers and exact matches there, so a typical step never pays for IPC.
+Nothing a model writes can raise out of `score_batch`: an exception in the in-process path
+scores that sample 0 and is counted in `stats["errors"]` like one in a worker.
 Workers are spawned (forking a trainer that holds torch/gloo threads is unsafe), so a
 script that scores must keep its entry point under `if __name__ == "__main__":`; a killed
 worker's replacement costs a fresh interpreter + Math-Verify import (~1 s).
@@ -28,10 +30,11 @@ import threading
 import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 RewardFunc = Callable[[str, str], float]
 FastPath = Callable[[str, str], Optional[float]]
+Extractor = Callable[[str], Optional[Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +42,18 @@ class Reward:
     name: str
     fn: RewardFunc  # must be a module-level function: workers receive it by reference
     fast: Optional[FastPath] = None  # in-process verdict or None ("ask fn")
+    # The final answer the reward reads from a response, None when there is none: feeds
+    # stats["no_answer"] (responses the reward cannot grade at all).
+    extract: Optional[Extractor] = None
 
 
 _REGISTRY: dict[str, Reward] = {}
 
 
-def register_reward(name: str, fast: Optional[FastPath] = None) -> Callable[[RewardFunc], RewardFunc]:
+def register_reward(name: str, fast: Optional[FastPath] = None,
+                    extract: Optional[Extractor] = None) -> Callable[[RewardFunc], RewardFunc]:
     def deco(fn: RewardFunc) -> RewardFunc:
-        _REGISTRY[name] = Reward(name, fn, fast)
+        _REGISTRY[name] = Reward(name, fn, fast, extract)
         return fn
     return deco
 
@@ -58,53 +65,134 @@ def get_reward(name: str) -> Reward:
 
 
 # ---------------------------------------------------------------------------------------
-# The math reward
+# Final-answer extraction
+
+
+# A control word ends at the first non-letter: "\boxedx" and "\fboxsep" are other commands.
+_BOX_CMD = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
+def _tex_argument(text: str, i: int) -> Optional[str]:
+    r"""The undelimited macro argument starting at text[i], as TeX reads it: spaces are
+    skipped, then a {...} group (its content; `\{` and `\}` are escaped characters, not
+    braces), or else one token: a control word (`\pi`), a control symbol (`\%`) or a single
+    character (`\boxed 12` boxes "1": LaTeX's rule, not a guess at intent). None when the
+    text ends first or the group is never closed (a truncated response)."""
+    n = len(text)
+    while i < n and text[i].isspace():
+        i += 1
+    if i >= n:
+        return None
+    c = text[i]
+    if c == "{":
+        depth, j = 0, i
+        while j < n:
+            c = text[j]
+            if c == "\\":
+                j += 2  # an escaped character, e.g. \{ or \}
+                continue
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[i + 1:j].strip()
+            j += 1
+        return None
+    if c == "}":
+        return None  # "{\boxed}": the group ends, there is no argument
+    if c == "\\":
+        j = i + 1
+        while j < n and text[j].isalpha() and text[j].isascii():
+            j += 1
+        if j == i + 1:  # a control symbol: backslash + one non-letter
+            j = min(i + 2, n)
+        return text[i:j] if j > i + 1 else None
+    return c
 
 
 def extract_boxed(text: str) -> Optional[str]:
-    r"""Content of the LAST \boxed{...} (or \fbox{...}) in `text`, nested braces included.
-    None if there is none or the last one is unclosed (a truncated response has no answer)."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
+    r"""Argument of the LAST `\boxed` (or `\fbox`) command of `text`, in every form LaTeX
+    accepts: `\boxed{5}`, `\boxed {5}`, `\boxed 5`, `\boxed\pi`, nested braces included.
+
+    Returns the argument text (stripped), or None if there is no such command or the last
+    one has no complete argument (a response truncated inside it has no answer). Never raises.
+    """
+    last = None
+    for m in _BOX_CMD.finditer(text):
+        last = m
+    if last is None:
         return None
-    i = text.find("{", start)
-    # Only whitespace may separate the command from its brace ("\boxed {5}").
-    if i < 0 or text[start:i].rstrip() not in ("\\boxed", "\\fbox"):
+    return _tex_argument(text, last.end())
+
+
+# DAPO's own verifier reads the last match of this pattern (verl, utils/reward_score/
+# math_dapo.py: `(?i)Answer\s*:\s*([^\n]+)`), the form DAPO-Math-17k's prompts ask for.
+_ANSWER_LINE = re.compile(r"(?i)answer\s*:\s*([^\n]+)")
+
+
+def extract_answer_line(text: str) -> Optional[str]:
+    r"""The text after the LAST "Answer:" (case-insensitive, up to the end of its line; the
+    answer may start on the next line), as DAPO's verifier reads it. None if there is none."""
+    last = None
+    for m in _ANSWER_LINE.finditer(text):
+        last = m
+    if last is None:
         return None
-    depth = 0
-    for j in range(i, len(text)):
-        c = text[j]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1:j].strip()
+    value = last.group(1).strip()
+    return value or None
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalAnswer:
+    text: str  # the answer as written (argument of \boxed, or the rest of the Answer: line)
+    source: Literal["boxed", "answer_line"]
+
+
+def extract_final_answer(text: str) -> Optional[FinalAnswer]:
+    r"""The answer a response gives: its last \boxed{} (the paper's prompt) or, without one,
+    its last "Answer: ..." line (DAPO-Math-17k's prompt). None if it gives neither."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return FinalAnswer(boxed, "boxed")
+    line = extract_answer_line(text)
+    if line is not None:
+        return FinalAnswer(line, "answer_line")
     return None
 
 
-_INT = re.compile(r"[+-]?\d+")
-_INT_COMMAS = re.compile(r"[+-]?\d{1,3}(,\d{3})+")  # thousands separators: 1,000
+# ---------------------------------------------------------------------------------------
+# The math reward
 
 
-def _as_int(s: str) -> Optional[int]:
+_INT = re.compile(r"([+-]?)([0-9]+)")
+_INT_COMMAS = re.compile(r"([+-]?)([0-9]{1,3}(?:,[0-9]{3})+)")  # thousands separators: 1,000
+
+
+def _int_key(s: str) -> Optional[str]:
+    """A plain integer (optional sign, optional thousands commas, optional $...$) as its
+    canonical decimal string ("-0012" -> "-12", "1,000" -> "1000"), else None. Compared as
+    strings: int() refuses more than 4,300 digits (Python's int_max_str_digits)."""
     s = s.strip().strip("$").strip()
-    if _INT.fullmatch(s):
-        return int(s)
-    if _INT_COMMAS.fullmatch(s):
-        return int(s.replace(",", ""))
-    return None
+    m = _INT.fullmatch(s) or _INT_COMMAS.fullmatch(s)
+    if m is None:
+        return None
+    digits = m.group(2).replace(",", "").lstrip("0") or "0"
+    return ("-" if m.group(1) == "-" and digits != "0" else "") + digits
 
 
 def math_fast_path(response: str, answer: str) -> Optional[float]:
-    """Verdicts that need no sympy and always agree with Math-Verify: no boxed answer (0),
-    identical strings (1), and two plain integers (compared exactly). Else None."""
-    pred = extract_boxed(response)
-    if pred is None:
+    """Verdicts that need no sympy and always agree with `math_reward`: no final answer (0),
+    identical strings (1), and two plain integers of any length (compared exactly). Else None."""
+    ans = extract_final_answer(response)
+    if ans is None:
         return 0.0
+    pred = ans.text
+    if ans.source == "answer_line":
+        pred = pred.rstrip(".").strip()  # "Answer: 42." is a sentence's full stop
     if pred == answer.strip():
         return 1.0
-    p, g = _as_int(pred), _as_int(answer)
+    p, g = _int_key(pred), _int_key(answer)
     if p is not None and g is not None:
         return float(p == g)
     return None
@@ -119,20 +207,73 @@ def _parse(text: str):
                  parsing_timeout=None)
 
 
-@register_reward("math", fast=math_fast_path)
+_MAX_EXACT_EXPONENT = 10_000  # 2^{10^9} is not worth building; Math-Verify decides those
+
+
+def _exact_rational(parsed: list, written: str):
+    """The exact rational value of a Math-Verify parse (sympy Integer/Rational after
+    evaluation, `x = value` unwrapped), or None when it is anything else: a decimal (Float),
+    a percentage (Math-Verify gives 50% = 50 on purpose), symbols, sets, irrationals."""
+    import sympy
+
+    if not parsed or "%" in written:
+        return None
+    e = parsed[0]
+    if isinstance(e, sympy.Eq) and isinstance(e.lhs, sympy.Symbol):
+        e = e.rhs
+    if not isinstance(e, sympy.Expr) or e.free_symbols or e.has(sympy.Float):
+        return None
+    for p in e.atoms(sympy.Pow):
+        if p.exp.is_Integer and abs(p.exp) > _MAX_EXACT_EXPONENT:
+            return None
+    v = e.doit()
+    return v if v.is_Rational else None
+
+
+@register_reward("math", fast=math_fast_path, extract=extract_final_answer)
 def math_reward(response: str, answer: str) -> float:
-    r"""1.0 if the last \boxed{} of `response` is mathematically equal to `answer`
-    (Math-Verify: 0.5 = \frac{1}{2} = 1/2, 1,000 = 1000, ...), else 0.0."""
+    r"""1.0 if the response's final answer (`extract_final_answer`: last \boxed{}, else last
+    "Answer:" line) equals `answer`, else 0.0.
+
+    When both sides are exact rationals (integers, fractions, powers of them) they are compared
+    exactly: Math-Verify's numeric tolerance (evalf with chop) calls 1/2^98 = 1/2^99. Otherwise
+    Math-Verify decides: 0.5 = \frac{1}{2} = 1/2, 1,000 = 1000, x = 2 = 2, 3.0 = 3, ...
+    Raises ValueError when `answer` cannot be parsed (the scorer counts it as an error)."""
     from math_verify import verify
 
-    pred = extract_boxed(response)
-    if pred is None:
+    ans = extract_final_answer(response)
+    if ans is None:
         return 0.0
     gold_text = answer if "\\boxed" in answer else f"\\boxed{{{answer}}}"
     gold = _parse(gold_text)
     if not gold:
         raise ValueError(f"reference answer {answer!r} cannot be parsed by Math-Verify")
-    return float(verify(gold, _parse(f"\\boxed{{{pred}}}"), timeout_seconds=None))
+    if ans.source == "boxed":
+        pred = _parse(f"\\boxed{{{ans.text}}}")
+    else:  # an answer line may be "$\frac{1}{2}$", "x = 5", "The final answer is $5$."
+        pred = _parse(ans.text) or _parse(f"\\boxed{{{ans.text}}}")
+    g, p = _exact_rational(gold, answer), _exact_rational(pred, ans.text)
+    if g is not None and p is not None:
+        return float(g == p)
+    return float(verify(gold, pred, timeout_seconds=None))
+
+
+def no_answer_warning(no_answer_frac: float, truncated_frac: float, step: int, max_tokens: int,
+                      first_steps: int = 5, threshold: float = 0.5) -> Optional[str]:
+    """A warning for the first `first_steps` training steps when more than `threshold` of the
+    responses give no final answer the reward can read, naming the likely cause; else None.
+    Mostly truncated responses point at rollout.max_tokens, otherwise at the prompt format."""
+    if step >= first_steps or not no_answer_frac > threshold:
+        return None
+    head = (f"step {step}: {no_answer_frac:.0%} of the responses have no final answer the reward can read "
+            f"(no \\boxed{{}}, no 'Answer:' line); they all score 0.")
+    if truncated_frac >= no_answer_frac / 2:
+        return (f"{head} {truncated_frac:.0%} were cut at rollout.max_tokens={max_tokens}: "
+                f"raise rollout.max_tokens, or check that the server stops at the chat template's "
+                f"end-of-turn token (rollout.stop).")
+    return (f"{head} Few were truncated ({truncated_frac:.0%}), so the prompt likely asks for a format the "
+            f"reward does not read: check data.system_prompt, and data.strip_instruction for "
+            f"DAPO-style prompts that ask for their own answer format.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,7 +297,7 @@ def _worker_main(conn: Connection, fn: RewardFunc) -> None:
         try:
             conn.send(("ok", float(fn(response, answer))))
         except Exception as e:  # noqa: BLE001 - any failure scores 0 and is counted
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            conn.send(("error", f"{type(e).__name__}: {str(e)[:200]}"))
 
 
 class _Worker:
@@ -203,21 +344,38 @@ class RewardScorer:
         self._workers = []
 
     def score_batch(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
+        """Scores in [0, 1], one per response, and stats: n, fast (verdicts of the fast path), pooled
+        (sent to a worker), timeouts, errors, mean, seconds, and, for a reward with an
+        extractor, no_answer / no_answer_frac (responses with no final answer to grade).
+        A sample whose scoring raises or times out scores 0 and is counted, with its message
+        in `self.errors`; nothing a response contains makes this raise. Raises ValueError only
+        when the two lists differ in length, RuntimeError when no worker can start."""
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
         with self._lock:
             t0 = time.perf_counter()
-            scores = [0.0] * len(responses)
+            self.errors = []
+            n = len(responses)
+            scores = [0.0] * n
             slow: list[int] = []
+            errors = no_answer = 0
             for i, (r, a) in enumerate(zip(responses, answers)):
-                v = self.reward.fast(r, a) if self.reward.fast else None
+                try:
+                    if self.reward.extract is not None and self.reward.extract(r) is None:
+                        no_answer += 1
+                    v = self.reward.fast(r, a) if self.reward.fast else None
+                except Exception as e:  # noqa: BLE001 - a bug in our own fast path must not stop the step
+                    errors += 1
+                    self.errors.append(f"sample {i}: in-process {type(e).__name__}: {str(e)[:200]}")
+                    continue  # scores 0
                 if v is None:
                     slow.append(i)
                 else:
                     scores[i] = v
-            stats = {"n": len(responses), "fast": len(responses) - len(slow), "pooled": len(slow),
-                     "timeouts": 0, "errors": 0}
-            self.errors = []
+            stats = {"n": n, "fast": n - len(slow) - errors, "pooled": len(slow), "timeouts": 0, "errors": errors}
+            if self.reward.extract is not None:
+                stats["no_answer"] = no_answer
+                stats["no_answer_frac"] = no_answer / n if n else 0.0
             if slow:
                 self._run(slow, responses, answers, scores, stats)
             stats["mean"] = sum(scores) / len(scores) if scores else 0.0
@@ -275,7 +433,7 @@ _SCORERS: dict[tuple, RewardScorer] = {}
 def score_batch(responses: Sequence[str], answers: Sequence[str], reward: str = "math",
                 timeout_s: float = 5.0, num_workers: int = 2) -> tuple[list[float], dict]:
     """Score with a process-wide scorer per (reward, num_workers), kept alive between calls.
-    Returns (scores, stats) with stats n, fast, pooled, timeouts, errors, mean, seconds."""
+    Returns (scores, stats) as `RewardScorer.score_batch` does."""
     key = (reward, num_workers)
     if key not in _SCORERS:
         _SCORERS[key] = RewardScorer(reward, timeout_s, num_workers)

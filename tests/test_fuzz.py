@@ -4,8 +4,10 @@
 Documented behaviour checked here:
 - `extract_boxed(text)` returns None or a substring of `text`, never raises;
 - `math_fast_path(response, answer)` returns None, 0.0 or 1.0, never raises, and agrees with
-  `extract_boxed` (no box -> 0.0); `RewardScorer` turns anything the slow path raises into a 0
-  score counted in stats["errors"];
+  `extract_final_answer` (no final answer -> 0.0); `RewardScorer` turns anything the slow path
+  raises into a 0 score counted in stats["errors"];
+- `score_batch` never raises for any text a model writes (issue 13.3: a 4,400-digit boxed
+  integer made int() raise out of the fast path and the whole training step failed);
 - `load_config(path, overrides)` returns a Config or raises ConfigError, whatever the keys and
   values (random key paths, YAML-ish values incl. broken YAML, non-string mapping keys).
 """
@@ -21,12 +23,14 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from megatron_tbrm.config import Config, ConfigError, load_config  # noqa: E402
-from megatron_tbrm.reward import RewardScorer, extract_boxed, math_fast_path  # noqa: E402
+from megatron_tbrm.reward import (RewardScorer, extract_boxed, extract_final_answer,  # noqa: E402
+                                  math_fast_path)
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Text a model might write, weighted towards what the parser cares about.
-_PIECES = ["\\boxed", "\\boxed{", "\\fbox{", "\\boxed {", "{", "}", "\\", "\\{", "\\}", "$", " ", "\n",
+_PIECES = ["\\boxed", "\\boxed{", "\\fbox{", "\\boxed {", "\\boxed ", "Answer:", "answer :", "{", "}", "\\", "\\{",
+           "\\}", "$", " ", "\n", "0" * 4301, "9" * 4400, "-",
            "\\frac{1}{2}", "1,000", "-7", "0.5", "x=", "\\sqrt", "\\text{", "∞", "½", "𝟙", "\x00", "\ud7ff"]
 model_text = st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=8)), max_size=30).map("".join)
 answers = st.one_of(st.sampled_from(["95", "-7", "1,000", "\\frac{1}{2}", "0.5", "", " ", "{", "\\boxed{3}"]),
@@ -45,7 +49,7 @@ def test_extract_boxed_never_raises(text):
 def test_math_fast_path_never_raises(response, answer):
     v = math_fast_path(response, answer)
     assert v in (None, 0.0, 1.0)
-    if extract_boxed(response) is None:
+    if extract_final_answer(response) is None:
         assert v == 0.0
 
 
@@ -64,6 +68,30 @@ def test_scorer_turns_any_failure_into_zero(scorer, pairs):
     scores, stats = scorer.score_batch(responses, golds)
     assert len(scores) == len(pairs) and all(s in (0.0, 1.0) for s in scores)
     assert stats["fast"] + stats["pooled"] == len(pairs)
+
+
+# Long digit runs (past int()'s 4,300-digit limit) in the places a final answer is read from.
+long_ints = st.integers(4290, 4500).flatmap(lambda n: st.text(alphabet="0123456789,", min_size=n, max_size=n))
+final_answers = st.one_of(
+    long_ints.map(lambda d: "\\boxed{" + d + "}"), long_ints.map(lambda d: "\\boxed " + d),
+    long_ints.map(lambda d: "Answer: " + d), long_ints.map(lambda d: "Answer: $-" + d + "$"),
+)
+any_text = st.one_of(st.text(max_size=200), model_text, final_answers,
+                     st.tuples(model_text, final_answers, model_text).map("".join))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(any_text, st.one_of(answers, long_ints)), min_size=1, max_size=4))
+@example(pairs=[("\\boxed{" + "7" * 4400 + "}", "7" * 4400), ("\\boxed{95}", "95")])
+@example(pairs=[("Answer: " + "1" * 4400, "5"), ("\\boxed 5", "5")])
+def test_score_batch_never_raises(scorer, pairs):
+    """Arbitrary text through the whole scorer (extraction, fast path, workers): one score in
+    {0, 1} per sample, nothing raised, every sample accounted for."""
+    responses, golds = map(list, zip(*pairs))
+    scores, stats = scorer.score_batch(responses, golds)
+    assert len(scores) == len(pairs) and all(s in (0.0, 1.0) for s in scores)
+    assert stats["fast"] + stats["pooled"] + stats["errors"] >= len(pairs)
+    assert 0 <= stats["no_answer"] <= len(pairs)
 
 
 # ------------------------------------------------------------------------------ config
