@@ -232,6 +232,40 @@ def grpo_advantages(
     return adv.flatten()
 
 
+def grpo_advantages_by_prompt(
+    rewards: torch.Tensor, prompt_ids, eps: float = 1e-6, normalize_std: bool = True
+) -> torch.Tensor:
+    """GRPO advantages grouped by prompt, whatever the order and group sizes, fp32 [n].
+
+    `prompt_ids[i]` names the prompt of sample i; the group of a prompt is every sample that
+    names it (the samples still in the batch: an empty response dropped before this leaves its
+    group one smaller, and no other group changes). Each sample gets
+    (r - group mean) / (group std + eps), std the unbiased sample std as in DeepSeekMath's GRPO
+    (`grpo_advantages`). A group of one sample has no baseline: advantage 0, no signal.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be [n], got shape {tuple(rewards.shape)}")
+    ids = list(prompt_ids)
+    if len(ids) != rewards.numel():
+        raise ValueError(f"{len(ids)} prompt ids for {rewards.numel()} rewards")
+    _check_finite("rewards", rewards)
+    r = rewards.float()
+    adv = torch.zeros_like(r)
+    groups: dict = {}
+    for i, g in enumerate(ids):
+        groups.setdefault(g, []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        idx = torch.tensor(members)
+        g = r[idx]
+        a = g - g.mean()
+        if normalize_std:
+            a = a / (g.std() + eps)
+        adv[idx] = a
+    return adv
+
+
 def grpo_loss_sums(
     logits: torch.Tensor,
     labels: torch.Tensor,

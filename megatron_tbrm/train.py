@@ -244,12 +244,12 @@ class Trainer:
             return ("restart",)
         self.server_failures = 0
         if self.cfg.loss.name == "grpo":
-            from .loss import grpo_advantages
+            from .loss import grpo_advantages_by_prompt
 
             rewards = torch.tensor([r["rewards"] for r in rows])
-            # Groups are the n samples of one prompt; an empty response breaks its group.
-            n = self.cfg.rollout.n
-            adv = grpo_advantages(rewards, n) if len(rows) % n == 0 else rewards - rewards.mean()
+            # Groups are the samples of one prompt, always (published GRPO: per-group mean and
+            # std); a dropped empty response only shrinks its own group.
+            adv = grpo_advantages_by_prompt(rewards, [r["prompt_index"] for r in rows])
             for r, a in zip(rows, adv.tolist()):
                 r["advantages"] = a
         return ("ok", rows, info, self.sampler.state_dict())

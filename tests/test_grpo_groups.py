@@ -1,0 +1,69 @@
+"""GRPO advantages are grouped by prompt, always (issue 15, item 3).
+
+Before: one empty response anywhere in a batch (dropped, so the batch no longer divided into
+groups of n) made the trainer fall back to a global mean for the whole batch, without std
+normalisation. Published GRPO (DeepSeekMath) normalises within each prompt's group:
+A_i = (r_i - mean(group)) / std(group). References below are computed by hand.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_tbrm.loss import grpo_advantages, grpo_advantages_by_prompt
+
+
+def test_matches_hand_computed_groups_with_a_dropped_response():
+    # Prompt 0: rewards 1, 0, 0, 1 (n=4). Prompt 1: 1, 1, 0 (its 4th response was empty and
+    # dropped). Prompt 2: all 0. Samples interleaved, as a client may return them.
+    ids = [0, 1, 0, 2, 1, 0, 2, 1, 0, 2, 2]
+    r = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    adv = grpo_advantages_by_prompt(r, ids, eps=0.0)
+    # group 0: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = sqrt(1/3): +-0.5 * sqrt(3)
+    s0 = 0.5 * math.sqrt(3.0)
+    # group 1: mean 2/3, deviations 1/3, 1/3, -2/3; unbiased var (1/9 + 1/9 + 4/9) / 2 = 1/3
+    d = 1.0 / math.sqrt(1.0 / 3.0)
+    # group 2: zero variance -> 0 / (0 + eps); with eps=0 that is 0/0: use eps below
+    want = {0: s0, 1: d / 3, 2: -s0, 4: d / 3, 5: -s0, 7: -2 * d / 3, 8: s0}
+    for i, w in want.items():
+        assert adv[i].item() == pytest.approx(w, abs=1e-6), i
+
+    adv = grpo_advantages_by_prompt(r, ids)  # default eps
+    assert torch.all(adv[[3, 6, 9, 10]] == 0)  # a group that all failed carries no signal
+
+
+def test_equals_the_fixed_size_form_when_groups_are_whole():
+    torch.manual_seed(0)
+    r = (torch.rand(32) > 0.6).float()
+    ids = [i // 4 for i in range(32)]
+    torch.testing.assert_close(grpo_advantages_by_prompt(r, ids), grpo_advantages(r, 4))
+    torch.testing.assert_close(grpo_advantages_by_prompt(r, ids, normalize_std=False),
+                               grpo_advantages(r, 4, normalize_std=False))
+
+
+def test_a_group_of_one_has_no_advantage_and_other_groups_are_untouched():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
+    ids = ["a", "a", "b", "c", "c"]  # prompt b kept one response of its n
+    adv = grpo_advantages_by_prompt(r, ids, normalize_std=False)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0]))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="prompt ids"):
+        grpo_advantages_by_prompt(torch.zeros(3), [0, 0])
+    with pytest.raises(ValueError, match="non-finite"):
+        grpo_advantages_by_prompt(torch.tensor([0.0, float("nan")]), [0, 0])
+
+
+def test_trainer_groups_by_prompt_index():
+    """The trainer's GRPO path calls the grouped form on the rows' prompt_index (no global-mean
+    fallback left)."""
+    import inspect
+
+    from megatron_tbrm import train
+
+    src = inspect.getsource(train.Trainer._rollout_or_restart)
+    assert "grpo_advantages_by_prompt" in src and 'r["prompt_index"]' in src
+    assert "rewards.mean()" not in src
