@@ -106,6 +106,41 @@ def test_missing_and_unknown_names_are_reported(server, client, hf_model):
     assert (got - hf_logprobs(hf_model, PROMPT, RESPONSE)).abs().max() < 1e-4
 
 
+@pytest.fixture(scope="module")
+def tied_model_dir(tiny_model_factory):
+    # Qwen2.5-Math-1.5B's setting (tie_word_embeddings) with a vocabulary Megatron pads.
+    return tiny_model_factory(tie=True, vocab_size=300)
+
+
+def test_tied_embeddings_sync_updates_the_output_layer(tied_model_dir, tmp_path):
+    """Issue 13 item 1: vLLM loads a tied model's shared weight once, through embed_tokens;
+    its LM head kept the prepacked CPU copy of the OLD weight, so the server sampled with
+    the new input embedding and the old output layer (off by up to 2.6 in log-prob)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tied_model_dir, dtype=torch.float32).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    prompt, response = [p % 300 for p in PROMPT], [r % 300 for r in RESPONSE]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(torch.randn(model.model.embed_tokens.weight.shape,
+                                                         generator=torch.Generator().manual_seed(5)) * 0.5)
+    ref = hf_logprobs(model, prompt, response)
+    # What the trainer exports for a tied model: no lm_head.weight.
+    state = [(k, v) for k, v in model.state_dict().items() if k != "lm_head.weight"]
+    with vllm_server(tied_model_dir, tmp_path / "vllm", max_num_seqs=4) as srv:
+        client = RolloutClient.for_server(srv, timeout=120, retries=1)
+        before = torch.tensor(client.score_logprobs(prompt, response), dtype=torch.float64)
+        stats = WeightSync(srv, transport="shm").push(state)
+        assert stats["not_updated"] == []
+        after = torch.tensor(client.score_logprobs(prompt, response), dtype=torch.float64)
+        assert (before - ref).abs().max() > 0.1  # the perturbation is visible
+        assert (after - ref).abs().max() < 1e-4, (after - ref).abs().max()
+        # Sampled tokens' log-probs too (the trainer's logprob_gap), not only prompt scoring.
+        for t in client.generate([prompt], n=2, max_tokens=10, seed=2, progress=False, extra={"ignore_eos": True}):
+            ref_t = hf_logprobs(model, t.prompt_token_ids, t.response_token_ids)
+            assert logprob_gap(torch.tensor([t.response_logprobs]), ref_t[None], torch.ones(1, len(ref_t))) < 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL transport needs CUDA (GPU-only test)")
 def test_nccl_sync_matches_transformers(server, client, hf_model):
     perturb(hf_model, 4)

@@ -86,8 +86,10 @@ class WeightReceiver:
         if session is None:
             raise RuntimeError("WeightReceiver: finish_update() without begin_update()")
         model = self.model_runner.get_model()
+        unloaded = _modules_without_weights(model)
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
             finalize_layerwise_reload(model, self.model_config)
+            stale = _reprocess_tied(model, unloaded)
         # What GPUModelRunner.reload_weights() resets after loading.
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             fn = getattr(self.model_runner, reset, None)
@@ -97,7 +99,7 @@ class WeightReceiver:
         return {
             "tensors": session["tensors"],
             "bytes": session["bytes"],
-            "not_updated": sorted(params - session["loaded"]),
+            "not_updated": sorted((params - session["loaded"]) | {f"{name} (module)" for name in stale}),
         }
 
     def worker_info(self) -> dict[str, Any]:
@@ -137,3 +139,40 @@ class WeightReceiver:
             if destroy is not None:
                 destroy()
             self._tbrm_nccl = None
+
+
+def _modules_without_weights(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Modules that expect weights in this reload but received none. vLLM's finalize puts
+    their old tensors back and only logs "Failed to load weights": call it before finalize."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    out = {}
+    for name, module in model.named_modules():
+        info = LAYERWISE_INFO.get(module)
+        if info is not None and info.can_load() and info.load_numel <= 0 and info.load_numel_total > 0:
+            out[name] = module
+    return out
+
+
+def _reprocess_tied(model: torch.nn.Module, unloaded: dict[str, torch.nn.Module]) -> list[str]:
+    """Bring modules that received no weights up to date when every tensor they hold is
+    shared with a module that did (tied embeddings: lm_head.weight IS embed_tokens.weight,
+    and vLLM loads it once, through embed_tokens). The shared storage already holds the new
+    values, but what the module derived from it at load time does not: on CPU the LM head
+    keeps a prepacked GEMM copy, so the sampler would use the new input embedding with the
+    OLD output layer. Re-running the module's weight processing rebuilds those copies.
+    Returns the names of modules left stale (tensors of their own that nobody loaded)."""
+    loaded_ids = {id(p) for m in model.modules() if all(m is not u for u in unloaded.values())
+                  for p in m.parameters(recurse=False)}
+    stale = []
+    for name, module in unloaded.items():
+        own = list(module.parameters(recurse=False))
+        if not own:  # derived buffers only (e.g. a rotary cache): nothing to receive
+            continue
+        if all(id(p) in loaded_ids for p in own):
+            quant_method = getattr(module, "quant_method", None)
+            if quant_method is not None:
+                quant_method.process_weights_after_loading(module)
+        else:
+            stale.append(name)
+    return stale
