@@ -74,7 +74,11 @@ def split_microbatches(batch: dict[str, torch.Tensor], micro_batch_size: int) ->
 class Engine:
     """Model chunks of this rank (+ optimizer and scheduler when trainable)."""
 
-    def __init__(self, model_cfg: ModelConfig, optim: Optional[OptimSettings] = None, sequence_parallel: bool = False):
+    def __init__(self, model_cfg: ModelConfig, optim: Optional[OptimSettings] = None, sequence_parallel: bool = False,
+                 init_weights: bool = True):
+        """`init_weights=False`: skip the random initialisation (build_model's) because every
+        weight is loaded next (import_hf_weights, load_checkpoint or load_state_from); call
+        `optimizer.reload_model_params()` after loading, as for any load."""
         from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 
         self.model_cfg = model_cfg
@@ -86,7 +90,8 @@ class Engine:
                 use_distributed_optimizer=optim.distributed_optimizer,
                 overlap_grad_reduce=False,
             )
-        self.chunks = build_model(model_cfg, sequence_parallel=sequence_parallel, wrap_ddp=self.trainable, ddp_config=ddp)
+        self.chunks = build_model(model_cfg, sequence_parallel=sequence_parallel, wrap_ddp=self.trainable, ddp_config=ddp,
+                                  init_weights=init_weights)
         self.config = unwrap(self.chunks[0]).config
         self.optimizer = self.scheduler = None
         if self.trainable:
@@ -208,10 +213,20 @@ class Engine:
     # ------------------------------------------------------------------ weights
 
     def load_state_from(self, other: "Engine") -> None:
-        """Copy weights from another engine of the same layout (the frozen reference's start)."""
+        """Copy weights from another engine of the same layout (the frozen reference's start).
+
+        Every parameter and buffer must come across (this engine may have skipped its
+        initialisation): raises RuntimeError naming the missing or unexpected keys.
+        """
+        if len(self.chunks) != len(other.chunks):
+            raise RuntimeError(f"load_state_from: {len(other.chunks)} model chunks into {len(self.chunks)}")
         for mine, theirs in zip(self.chunks, other.chunks):
             src = unwrap(theirs).state_dict()
-            unwrap(mine).load_state_dict({k: v for k, v in src.items() if not k.endswith("_extra_state")}, strict=False)
+            result = unwrap(mine).load_state_dict({k: v for k, v in src.items() if not k.endswith("_extra_state")},
+                                                  strict=False)
+            missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"load_state_from: missing keys {missing}, unexpected keys {result.unexpected_keys}")
 
     def offload(self, to_cpu: bool) -> None:
         """Move weights to CPU between uses (the frozen reference on GPU); a no-op on CPU."""

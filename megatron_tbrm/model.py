@@ -151,8 +151,13 @@ def use_te(cfg: ModelConfig) -> bool:
     return te_available()
 
 
-def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: Optional[int] = None, sequence_parallel: bool = False):
-    """The megatron-core TransformerConfig for `cfg` at this parallel layout."""
+def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: Optional[int] = None, sequence_parallel: bool = False,
+                       init_weights: bool = True):
+    """The megatron-core TransformerConfig for `cfg` at this parallel layout.
+
+    `init_weights=False` sets perform_initialization=False: weights are allocated
+    (torch.empty) but not drawn, for callers that load every weight afterwards.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cfg.check_parallel(tp, pp, vpp)
@@ -195,6 +200,7 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: Optional[int] = 
         fp16=cfg.dtype == "fp16",
         # Initialise full weights on CPU, then shard: identical weights for every TP size.
         use_cpu_initialization=True,
+        perform_initialization=init_weights,
         # Fusions that need CUDA kernels (or apex) are off; TE brings its own fused paths.
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -225,11 +231,18 @@ def build_model(
     sequence_parallel: bool = False,
     wrap_ddp: bool = False,
     ddp_config=None,
+    init_weights: bool = True,
 ) -> list:
     """Build this rank's model chunks (one per virtual pipeline stage) at the current layout.
 
     Requires megatron_tbrm.parallel.init_distributed() first. Returns plain GPTModels, or
     megatron-core DDP-wrapped ones when `wrap_ddp` (the trainer's path).
+
+    `init_weights=False` skips the random initialisation (megatron-core's
+    perform_initialization): the weights hold whatever torch.empty gave (norm weights are
+    still 1, biases uninitialised). Only for callers that then overwrite every parameter:
+    hf_mapping.import_hf_weights (which fails on any parameter it has no HF tensor for),
+    checkpoint.load_checkpoint, Engine.load_state_from (strict).
     """
     from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
@@ -237,7 +250,7 @@ def build_model(
     tp = mpu.get_tensor_model_parallel_world_size()
     pp = mpu.get_pipeline_model_parallel_world_size()
     vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
-    tcfg = transformer_config(cfg, tp, pp, vpp, sequence_parallel)
+    tcfg = transformer_config(cfg, tp, pp, vpp, sequence_parallel, init_weights=init_weights)
     spec = layer_spec(cfg)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     chunks = []

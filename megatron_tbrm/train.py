@@ -88,9 +88,9 @@ class Trainer:
             lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, decay=o.decay, total_steps=cfg.train.steps,
             weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
             clip_grad=o.clip_grad, distributed_optimizer=par.distributed_optimizer,
-        ), sequence_parallel=par.sequence_parallel)
+        ), sequence_parallel=par.sequence_parallel, init_weights=False)  # loaded from ref below
         # The frozen reference pi_ref is the initial model, also when resuming.
-        self.ref = Engine(self.model_cfg, None, sequence_parallel=par.sequence_parallel)
+        self.ref = Engine(self.model_cfg, None, sequence_parallel=par.sequence_parallel, init_weights=False)
         if cfg.checkpoint.load:
             from .checkpoint import load_checkpoint
 

@@ -124,7 +124,7 @@ def convert(args: argparse.Namespace, cfg) -> None:
     from megatron_tbrm.parallel import destroy_distributed, init_distributed
 
     ps = init_distributed(tp=args.tp, pp=args.pp)
-    chunks = build_model(cfg)
+    chunks = build_model(cfg, init_weights=False)  # every weight is imported next
     import_hf_weights(chunks, cfg, args.hf_dir, progress=ps.rank == 0)
     path = save_checkpoint(args.out, 0, chunks, hf_dir=args.hf_dir)
     if ps.rank == 0:

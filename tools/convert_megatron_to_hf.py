@@ -145,7 +145,7 @@ def convert(args: argparse.Namespace, ckpt: Path, cfg) -> None:
 
     ps = init_distributed(tp=args.tp, pp=args.pp)
     cfg.dtype = checkpoint_dtype(ckpt)
-    chunks = build_model(cfg)
+    chunks = build_model(cfg, init_weights=False)  # every weight is loaded next
     load_checkpoint(ckpt, chunks, load_rng=False)
     out = Path(args.out)
     writer = None
