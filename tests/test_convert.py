@@ -90,6 +90,12 @@ def _truncate(d: Path) -> None:
 BAD_INPUTS = {
     "unsupported architecture": (lambda d: _edit_config(d, architectures=["MistralForCausalLM"]), [],
                                  ModelConfigError, r"unsupported architecture.*supported: Qwen2ForCausalLM, LlamaForCausalLM"),
+    # The converters read config.json through the builder's allow-list (model.read_hf_config).
+    "unsupported rope type": (lambda d: _edit_config(d, rope_scaling=None, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "rope_theta": 10000.0}), [],
+        ModelConfigError, r"config.json: rope_parameters.rope_type='yarn' is not supported"),
+    "unknown config key": (lambda d: _edit_config(d, quantization_config={"quant_method": "gptq"}), [],
+                           ModelConfigError, r"config.json: quantization_config=.* is not a config key"),
     "truncated shard": (_truncate, [], WeightsError, rf"shard file .*{SHARD} is truncated"),
     "missing shard": (lambda d: (d / SHARD).unlink(), [], WeightsError, rf"shard file .*{SHARD} is missing"),
     "missing tensor": (lambda d: _drop_from_index(d, "model.norm.weight"), [], WeightsError,
@@ -133,7 +139,28 @@ def test_megatron_to_hf_names_the_problem(tmp_path):
         to_hf.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "out")])
 
 
+def test_megatron_to_hf_refuses_a_config_the_builder_refuses(qwen2, tmp_path):
+    """The same allow-list as the import, and the error names the checkpoint's file."""
+    (tmp_path / "metadata.json").write_text("{}")
+    cfg = json.loads((qwen2 / "config.json").read_text())
+    (tmp_path / "hf_config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(ModelConfigError, match=rf"^{tmp_path / 'hf_config.json'}: hidden_act='gelu' is not supported"):
+        to_hf.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
 def test_cli_reports_errors_without_a_traceback(qwen2, tmp_path):
     r = run_tool("convert_hf_to_megatron.py", "--hf-dir", str(qwen2), "--out", str(tmp_path / "c"), "--tp", "3")
     assert r.returncode == 1
     assert r.stderr.strip() == "error: tensor parallel size 3 does not divide num_attention_heads=4"
+
+
+def test_cli_names_a_refused_config_field(qwen2, tmp_path):
+    import shutil
+
+    src = shutil.copytree(qwen2, tmp_path / "src")
+    _edit_config(src, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    r = run_tool("convert_hf_to_megatron.py", "--hf-dir", str(src), "--out", str(tmp_path / "c"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"error: {src / 'config.json'}: rope_scaling.rope_type='dynamic' is not supported: "
+                                f"megatron-tbrm builds RoPE types ['default', 'llama3'] only")
+    assert not (tmp_path / "c").exists()

@@ -71,7 +71,7 @@ def validate(args: argparse.Namespace):
     from megatron_tbrm.model import ModelConfig, ModelConfigError
 
     ckpt = resolve_checkpoint(args.ckpt)
-    cfg = ModelConfig.from_hf(json.loads((ckpt / HF_CONFIG).read_text()))
+    cfg = ModelConfig.from_hf(ckpt / HF_CONFIG)  # the same allow-list as the import; errors name the file
     if args.tp < 1 or args.pp < 1:
         raise ModelConfigError(f"--tp {args.tp} --pp {args.pp}: parallel sizes must be >= 1")
     cfg.check_parallel(args.tp, args.pp)
