@@ -60,6 +60,10 @@ class DataSection:
     shuffle: bool = True
     seed: int = 0
     strict: bool = False
+    # Train on the raw problem: user turns wrapped in DAPO-Math-17k's instruction ("... the last
+    # line of your response should be of the form Answer: $Answer ...") keep only the problem.
+    strip_instruction: bool = False
+    dedupe: bool = True  # drop rows whose prompt and answer repeat an earlier row's (counted)
 
 
 @dataclass
@@ -142,6 +146,10 @@ class CheckpointSection:
 class EvalSection:
     every: int = 0  # 0: no evaluation during training
     path: Optional[str] = None
+    # The evaluation file's own fields; null: detected like the benchmark loader does
+    # (problem/question/prompt...; answer/final_answer/.../reward_model.ground_truth).
+    prompt_key: Optional[str] = None
+    answer_key: Optional[str] = None
     max_problems: int = 256
     temperature: float = 0.0
     max_tokens: int = 1024
@@ -349,6 +357,20 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         p = getattr(getattr(cfg, sec), name)
         if p is not None and not Path(p).is_file():
             raise ConfigError(f"config key '{key}': file not found: {p}")
+    from .data import check_prompt_fields, resolve_eval_fields
+
+    try:  # the fields, on the first rows: "no usable prompts" is found here, before any model
+        check_prompt_fields(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key)
+    except ValueError as e:
+        raise ConfigError(f"config keys 'data.prompt_key'={cfg.data.prompt_key!r} / 'data.answer_key'="
+                          f"{cfg.data.answer_key!r} (data.train_path): {e}") from None
+    eval_path = cfg.eval.path or cfg.data.eval_path
+    if cfg.eval.every and eval_path:
+        try:
+            resolve_eval_fields(eval_path, cfg.eval.prompt_key, cfg.eval.answer_key)
+        except ValueError as e:
+            raise ConfigError(f"config keys 'eval.prompt_key'={cfg.eval.prompt_key!r} / 'eval.answer_key'="
+                              f"{cfg.eval.answer_key!r} (evaluation file): {e}") from None
 
     _positive("rollout.n", cfg.rollout.n)
     _positive("rollout.max_tokens", cfg.rollout.max_tokens)

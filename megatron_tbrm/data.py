@@ -2,10 +2,16 @@
 arithmetic task of the CPU demo.
 
     ds = PromptDataset("dapo.parquet", tokenizer=model_dir, prompt_key="prompt",
-                       answer_key="reward_model.ground_truth", max_prompt_tokens=1024)
+                       answer_key="reward_model.ground_truth", max_prompt_tokens=1024,
+                       strip_instruction=True)      # DAPO's "Answer:" wrapper off, raw problem
     sampler = PromptSampler(ds, batch_size=128, seed=0)
     for batch in sampler: ...                       # list[PromptItem], epochs roll over
     ckpt["data"] = sampler.state_dict(); sampler.load_state_dict(ckpt["data"])
+
+Only the rank that samples (rank 0 in the trainer) loads a dataset; the others hold a
+`MirroredSampler`, which keeps the sampler state rank 0 sends with each step. Duplicate rows
+(same prompt and answer: the public DAPO-Math-17k parquet repeats each of its ~17.4 k
+prompts ~100 times) are dropped and counted before any templating or tokenisation.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 
 PathLike = Union[str, Path]
 _MISSING = object()
+_TOKENIZE_CHUNK = 1024  # prompts templated and tokenized per call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,16 +48,29 @@ class BadRow(ValueError):
 # Reading rows
 
 
-def read_rows(path: PathLike) -> Iterator[tuple[int, Union[dict, BadRow]]]:
+def read_rows(path: PathLike, keys: Optional[Sequence[str]] = None) -> Iterator[tuple[int, Union[dict, BadRow]]]:
     """(row number, row dict or BadRow) for every row of a .jsonl/.json (one object per
-    line) or .parquet file. Bad rows are yielded, not raised, so the caller decides."""
+    line) or .parquet file. Bad rows are yielded, not raised, so the caller decides.
+
+    `keys` (dotted field names, as for `get_field`): a Parquet file then reads only the
+    columns they need; rows are streamed one record batch at a time, never the whole table.
+    Raises ValueError for an unknown file extension."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield i, row
+        pf = pq.ParquetFile(path)
+        columns = None
+        if keys is not None:
+            names = pf.schema_arrow.names
+            wanted = {k if k in names else k.split(".")[0] for k in keys}
+            columns = [c for c in names if c in wanted]  # a missing field is reported per row
+        i = 0
+        for batch in pf.iter_batches(batch_size=8192, columns=columns):
+            for row in batch.to_pylist():
+                yield i, row
+                i += 1
     elif suffix in (".jsonl", ".json"):
         with open(path, "rb") as f:
             i = 0
@@ -108,6 +128,27 @@ def to_messages(prompt: Any, system_prompt: Optional[str]) -> list[dict]:
     return messages
 
 
+# DAPO-Math-17k wraps each problem in an instruction asking for a last line "Answer: ..."
+# (shared/notes/tbrm.md). The paper's recipe trains on the problem with its own system prompt.
+DAPO_INSTRUCTION_PREFIX = ("Solve the following math problem step by step. The last line of your response should "
+                           "be of the form Answer: $Answer (without quotes) where $Answer is the answer to the "
+                           "problem.")
+DAPO_INSTRUCTION_SUFFIX = 'Remember to put your answer on its own line after "Answer:"'
+
+
+def strip_dapo_instruction(text: str) -> Optional[str]:
+    """The problem inside DAPO's instruction wrapper (`DAPO_INSTRUCTION_PREFIX` + blank line +
+    problem + blank line + `DAPO_INSTRUCTION_SUFFIX`; the suffix may be missing), or None when
+    `text` does not start with the prefix or nothing is left."""
+    body = text.strip()
+    if not body.startswith(DAPO_INSTRUCTION_PREFIX):
+        return None
+    body = body[len(DAPO_INSTRUCTION_PREFIX):]
+    if body.rstrip().endswith(DAPO_INSTRUCTION_SUFFIX):
+        body = body.rstrip()[:-len(DAPO_INSTRUCTION_SUFFIX)]
+    return body.strip() or None
+
+
 def load_tokenizer(tokenizer: Any):
     """A tokenizer object as is, or AutoTokenizer from a model folder."""
     if isinstance(tokenizer, (str, Path)):
@@ -127,20 +168,28 @@ class LoadStats:
     kept: int = 0
     bad: int = 0
     too_long: int = 0
+    duplicates: int = 0  # rows dropped because an earlier row had the same prompt and answer
+    instruction_stripped: int = 0  # prompts whose DAPO instruction wrapper was removed
     reasons: Counter = dataclasses.field(default_factory=Counter)
 
 
 class PromptDataset:
-    """All usable prompts of one file, templated and tokenized at load time.
+    """All usable, distinct prompts of one file, templated and tokenized at load time.
 
     Bad rows (not UTF-8, invalid JSON, missing/empty prompt or answer, malformed
-    messages) are skipped and counted in `stats` with one warning, or raise in strict
-    mode. Prompts longer than `max_prompt_tokens` are skipped and counted as too long.
+    messages) are skipped and counted in `stats` with one warning, or raise ValueError in
+    strict mode. A row whose messages (after `strip_instruction`) and answer equal an earlier
+    row's is dropped and counted in `stats.duplicates` (`dedupe=False` keeps it); only the
+    distinct prompts are templated and tokenized. Prompts longer than `max_prompt_tokens` are
+    skipped and counted as too long. `strip_instruction`: user turns wrapped in DAPO's
+    "Answer: $Answer" instruction keep only the problem (`strip_dapo_instruction`).
+    Raises FileNotFoundError, ValueError (empty file, no usable prompt; both name the file).
     """
 
     def __init__(self, path: PathLike, tokenizer: Any, prompt_key: str = "prompt",
                  answer_key: str = "answer", system_prompt: Optional[str] = SYSTEM_PROMPT,
-                 max_prompt_tokens: Optional[int] = None, strict: bool = False) -> None:
+                 max_prompt_tokens: Optional[int] = None, strict: bool = False,
+                 strip_instruction: bool = False, dedupe: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"prompt file {self.path} does not exist")
@@ -148,12 +197,13 @@ class PromptDataset:
         self.stats = LoadStats()
         first_bad: Optional[str] = None
         rows: list[tuple[int, list[dict], str]] = []
-        for i, row in read_rows(self.path):
+        seen: set[tuple] = set()
+        for i, row in read_rows(self.path, keys=(prompt_key, answer_key)):
             self.stats.rows += 1
             try:
                 if isinstance(row, BadRow):
                     raise row
-                rows.append((i, *self._parse_row(row, prompt_key, answer_key, system_prompt)))
+                messages, answer = self._parse_row(row, prompt_key, answer_key, system_prompt)
             except BadRow as e:
                 msg = f"{self.path}: row {i}: {e}"
                 if strict:
@@ -161,24 +211,43 @@ class PromptDataset:
                 self.stats.bad += 1
                 self.stats.reasons[_reason(str(e))] += 1
                 first_bad = first_bad or msg
+                continue
+            if strip_instruction:
+                self.stats.instruction_stripped += _strip_instruction(messages)
+            if dedupe:
+                key = (tuple((m["role"], m["content"]) for m in messages), answer)
+                if key in seen:
+                    self.stats.duplicates += 1
+                    continue
+                seen.add(key)
+            rows.append((i, messages, answer))
+        del seen
         if self.stats.rows == 0:
             raise ValueError(f"{self.path}: empty file, no rows")
 
-        # The template already holds the special tokens; add_special_tokens=False keeps a
-        # tokenizer with a BOS (Llama) from adding a second one.
-        texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m, _ in rows]
-        ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
         self.items: list[PromptItem] = []
-        for (i, _, answer), text, tids in zip(rows, texts, ids):
-            if max_prompt_tokens is not None and len(tids) > max_prompt_tokens:
-                self.stats.too_long += 1
-                continue
-            self.items.append(PromptItem(i, text, list(tids), answer))
+        for start in range(0, len(rows), _TOKENIZE_CHUNK):  # bounded tokenizer-side memory
+            chunk = rows[start:start + _TOKENIZE_CHUNK]
+            texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m, _ in chunk]
+            # The template already holds the special tokens; add_special_tokens=False keeps a
+            # tokenizer with a BOS (Llama) from adding a second one.
+            ids = tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            for (i, _, answer), text, tids in zip(chunk, texts, ids):
+                if max_prompt_tokens is not None and len(tids) > max_prompt_tokens:
+                    self.stats.too_long += 1
+                    continue
+                self.items.append(PromptItem(i, text, list(tids), answer))
         self.stats.kept = len(self.items)
 
         if self.stats.bad:
             warnings.warn(f"{self.path}: skipped {self.stats.bad} of {self.stats.rows} rows "
                           f"({dict(self.stats.reasons)}); first: {first_bad}", stacklevel=2)
+        if self.stats.duplicates:
+            warnings.warn(f"{self.path}: dropped {self.stats.duplicates} duplicate rows (same prompt and answer "
+                          f"as an earlier row); {len(rows)} distinct prompts of {self.stats.rows} rows", stacklevel=2)
+        if strip_instruction and not self.stats.instruction_stripped and rows:
+            warnings.warn(f"{self.path}: strip_instruction is on but no prompt carries DAPO's instruction "
+                          f"({DAPO_INSTRUCTION_PREFIX[:40]!r}...); prompts are used as they are", stacklevel=2)
         if self.stats.too_long:
             warnings.warn(f"{self.path}: skipped {self.stats.too_long} prompts longer than "
                           f"max_prompt_tokens={max_prompt_tokens}", stacklevel=2)
@@ -207,6 +276,19 @@ class PromptDataset:
 
     def __getitem__(self, k: int) -> PromptItem:
         return self.items[k]
+
+
+def _strip_instruction(messages: list[dict]) -> int:
+    """Replace each user turn wrapped in DAPO's instruction by its problem, in place.
+    Returns 1 if any turn was stripped, else 0."""
+    stripped = 0
+    for m in messages:
+        if m["role"] == "user":
+            problem = strip_dapo_instruction(m["content"])
+            if problem is not None:
+                m["content"] = problem
+                stripped = 1
+    return stripped
 
 
 def _reason(msg: str) -> str:
@@ -277,6 +359,101 @@ class PromptSampler:
         self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
         self.shuffle = state.get("shuffle", self.shuffle)
         self._order = self._permutation(self.epoch)
+
+
+class MirroredSampler:
+    """What a rank that does not sample holds in a sampler's place: the sampling rank's
+    sampler state as last received (`load_state_dict`, every step in the trainer), so any
+    rank reports rank 0's position. It has no dataset and draws no batch."""
+
+    def __init__(self, state: Optional[dict] = None) -> None:
+        self._state: Optional[dict] = None
+        if state is not None:
+            self.load_state_dict(state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Raises ValueError if `state` is not a PromptSampler.state_dict()."""
+        need = {"epoch", "index", "seed", "size"}
+        if not isinstance(state, dict) or not need <= set(state):
+            raise ValueError(f"MirroredSampler: expected a PromptSampler state with keys {sorted(need)}, got {state!r}")
+        self._state = dict(state)
+
+    def state_dict(self) -> dict:
+        """Raises RuntimeError before any state was received."""
+        if self._state is None:
+            raise RuntimeError("MirroredSampler: no sampler state received from the sampling rank yet")
+        return dict(self._state)
+
+    def next_batch(self) -> list[PromptItem]:
+        raise RuntimeError("MirroredSampler: only the sampling rank (rank 0) draws batches; this rank receives them")
+
+
+# ---------------------------------------------------------------------------------------
+# Checking a file's fields up front, evaluation sets
+
+
+def check_prompt_fields(path: PathLike, prompt_key: str, answer_key: str, scan: int = 1000) -> None:
+    """Raise ValueError, naming the file, the keys and the fields the rows have, when none of
+    the first `scan` readable rows of `path` has both `prompt_key` and `answer_key` (the
+    dataset would find no usable prompt). Cheap: a Parquet file's first batch only."""
+    first: Optional[dict] = None
+    for n, (_, row) in enumerate(read_rows(path)):
+        if n >= scan:
+            break
+        if isinstance(row, BadRow):
+            continue
+        first = first if first is not None else row
+        if get_field(row, prompt_key) not in (_MISSING, None) and get_field(row, answer_key) not in (_MISSING, None):
+            return
+    if first is None:
+        raise ValueError(f"{path}: no readable row among the first {scan}")
+    raise ValueError(f"{path}: no row has both the prompt field {prompt_key!r} and the answer field "
+                     f"{answer_key!r}; the rows have fields {sorted(first, key=str)}")
+
+
+def resolve_eval_fields(path: PathLike, prompt_key: Optional[str] = None,
+                        answer_key: Optional[str] = None) -> tuple[str, str]:
+    """The (prompt, answer) field names of an evaluation file: the given ones, checked on its
+    first row, or for None the first present among the benchmark loader's usual names
+    (benchmarks.PROMPT_KEYS / ANSWER_KEYS: problem/answer for MATH500, DAPO's prompt and
+    reward_model.ground_truth, ...). Raises ValueError naming the file, the keys and the row's
+    fields."""
+    from .benchmarks import ANSWER_KEYS, PROMPT_KEYS, detect_key
+
+    row: Any = None
+    for _, r in read_rows(path):
+        row = r
+        break
+    if row is None:
+        raise ValueError(f"{path}: empty file, no rows")
+    if isinstance(row, BadRow):
+        raise ValueError(f"{path}: row 0: {row}")
+    keys = []
+    for given, candidates, what in ((prompt_key, PROMPT_KEYS, "prompt"), (answer_key, ANSWER_KEYS, "answer")):
+        if given is not None:
+            if get_field(row, given) in (_MISSING, None):
+                raise ValueError(f"{path}: no {what} field {given!r}; the rows have fields {sorted(row, key=str)}")
+            keys.append(given)
+        else:
+            found = detect_key(row, candidates)
+            if found is None:
+                raise ValueError(f"{path}: no {what} field; looked for {list(candidates)}, the rows have fields "
+                                 f"{sorted(row, key=str)}")
+            keys.append(found)
+    return keys[0], keys[1]
+
+
+def load_eval_items(path: PathLike, tokenizer: Any, prompt_key: Optional[str] = None,
+                    answer_key: Optional[str] = None, system_prompt: Optional[str] = SYSTEM_PROMPT,
+                    limit: Optional[int] = None) -> list[PromptItem]:
+    """An evaluation set (MATH500-style problem/answer, AIME, DAPO rows, ...) read with its own
+    fields (`resolve_eval_fields`) and the benchmark loader's answer normalisation, templated
+    like the training prompts. Raises ValueError naming the file on any unusable row."""
+    from .benchmarks import get_benchmark, load_benchmark
+
+    prompt_key, answer_key = resolve_eval_fields(path, prompt_key, answer_key)
+    bench = get_benchmark(str(path)).with_overrides(prompt_key=prompt_key, answer_key=answer_key)
+    return load_benchmark(bench, tokenizer, limit=limit, system_prompt=system_prompt)
 
 
 # ---------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def trajectory_rows(trajs, answers: list[str], rewards: list[float], pad_id: int
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         from . import parallel
-        from .data import PromptDataset, PromptSampler, load_tokenizer
+        from .data import load_tokenizer
         from .engine import Engine, OptimSettings
         from .hf_mapping import import_hf_weights
         from .model import ModelConfig
@@ -103,18 +103,7 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(m.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        d = cfg.data
-        self.dataset = PromptDataset(d.train_path, self.tokenizer, d.prompt_key, d.answer_key, d.system_prompt,
-                                     d.max_prompt_tokens, d.strict)
-        self.sampler = PromptSampler(self.dataset, cfg.train.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
-        st = self.dataset.stats
-        self.data_stats = {"data_rows": float(st.rows), "data_rows_skipped": float(st.bad),
-                           "data_prompts_too_long": float(st.too_long)}
-        self.eval_items = None
-        if cfg.eval.every and (cfg.eval.path or d.eval_path):
-            ev = PromptDataset(cfg.eval.path or d.eval_path, self.tokenizer, d.prompt_key, d.answer_key,
-                               d.system_prompt, d.max_prompt_tokens, d.strict)
-            self.eval_items = list(ev.items)[: cfg.eval.max_problems]
+        self._load_data()
 
         self.step = 0
         self.v_offset = 0.0
@@ -129,6 +118,51 @@ class Trainer:
         self.t_start = time.time()
 
     # ------------------------------------------------------------------ lifecycle
+
+    def _load_data(self) -> None:
+        """Only rank 0 reads, templates and tokenizes the prompts (and the evaluation set): it
+        samples every step and broadcasts the step's rows. The other ranks hold a
+        MirroredSampler with rank 0's sampler state (sent here, then with every step), so a
+        checkpoint records rank 0's position from any rank. A loading error on rank 0 reaches
+        every rank (no rank is left waiting in the broadcast)."""
+        from .data import MirroredSampler, PromptDataset, PromptSampler, load_eval_items
+
+        cfg, d = self.cfg, self.cfg.data
+        self.dataset = None
+        self.eval_items = None
+        msg: list[Any] = [None]
+        if self.is_main:
+            try:
+                self.dataset = PromptDataset(d.train_path, self.tokenizer, d.prompt_key, d.answer_key, d.system_prompt,
+                                             d.max_prompt_tokens, d.strict, strip_instruction=d.strip_instruction,
+                                             dedupe=d.dedupe)
+                self.sampler = PromptSampler(self.dataset, cfg.train.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
+                if cfg.eval.every and (cfg.eval.path or d.eval_path):
+                    items = load_eval_items(cfg.eval.path or d.eval_path, self.tokenizer, cfg.eval.prompt_key,
+                                            cfg.eval.answer_key, d.system_prompt)
+                    fit = [it for it in items if len(it.prompt_ids) <= d.max_prompt_tokens]
+                    if len(fit) < len(items):
+                        print(f"[train] eval: skipped {len(items) - len(fit)} prompts longer than "
+                              f"data.max_prompt_tokens={d.max_prompt_tokens}", file=sys.stderr, flush=True)
+                    self.eval_items = fit[: cfg.eval.max_problems]
+            except Exception as e:
+                dist.broadcast_object_list([("error", f"{type(e).__name__}: {e}")], src=0)
+                raise
+            st = self.dataset.stats
+            stats = {"data_rows": float(st.rows), "data_rows_skipped": float(st.bad),
+                     "data_rows_duplicate": float(st.duplicates), "data_prompts_too_long": float(st.too_long),
+                     "data_prompts": float(len(self.dataset))}
+            print(f"[train] data: {st.rows} rows -> {len(self.dataset)} prompts ({st.duplicates} duplicates dropped, "
+                  f"{st.bad} bad rows, {st.too_long} too long, {st.instruction_stripped} instructions stripped)",
+                  flush=True)
+            msg = [("ok", (self.sampler.state_dict(), stats))]
+        dist.broadcast_object_list(msg, src=0)
+        status, payload = msg[0]
+        if status == "error":
+            raise RuntimeError(f"rank 0 could not load the data: {payload}")
+        sampler_state, self.data_stats = payload
+        if not self.is_main:
+            self.sampler = MirroredSampler(sampler_state)
 
     def _resume(self) -> None:
         from .checkpoint import latest_checkpoint, load_checkpoint
@@ -198,6 +232,8 @@ class Trainer:
 
     def _rollout(self) -> tuple[list[dict], dict]:
         """Rank 0: prompts -> trajectories -> rewards -> rows."""
+        from .reward import no_answer_warning
+
         r = self.cfg.rollout
         prompts = self.sampler.next_batch()
         t0 = time.perf_counter()
@@ -217,7 +253,12 @@ class Trainer:
             "truncated_frac": sum(t.finish_reason == "length" for t in trajs) / max(len(trajs), 1),
             "reward_timeouts": float(rstats.get("timeouts", 0)),
             "reward_errors": float(rstats.get("errors", 0)),
+            # Responses with no final answer the reward can read (they all score 0).
+            "no_answer_frac": float(rstats.get("no_answer_frac", float("nan"))),
         }
+        warning = no_answer_warning(info["no_answer_frac"], info["truncated_frac"], self.step, r.max_tokens)
+        if warning:
+            print(f"[train] WARNING: {warning}", file=sys.stderr, flush=True)
         return rows, info
 
     def _rollout_or_restart(self) -> tuple:
