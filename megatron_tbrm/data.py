@@ -353,7 +353,8 @@ class PromptSampler:
     def load_state_dict(self, state: dict) -> None:
         if state["size"] != len(self.dataset):
             raise ValueError(f"sampler state is for a dataset of {state['size']} prompts, "
-                             f"this one has {len(self.dataset)}")
+                             f"this one has {len(self.dataset)} (same file and data.* settings? data.dedupe "
+                             f"and data.strip_instruction change the count)")
         if not 0 <= state["index"] < state["size"]:
             raise ValueError(f"sampler state index={state['index']} out of range [0, {state['size']})")
         self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]

@@ -1,12 +1,16 @@
-"""Prompt datasets (JSONL, DAPO-style Parquet), bad rows, the sampler's resume, arithmetic task."""
+"""Prompt datasets (JSONL, DAPO-style Parquet), bad rows, duplicates, DAPO's instruction wrapper,
+the sampler's resume (and its mirror on the ranks that do not sample), evaluation files read with
+their own fields and checked by config validation, the arithmetic task."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from megatron_tbrm.data import (SYSTEM_PROMPT, PromptDataset, PromptSampler, arithmetic_problems,
-                                arithmetic_solution, make_arithmetic_dataset, make_arithmetic_splits)
+from megatron_tbrm.config import ConfigError, load_config, validate
+from megatron_tbrm.data import (SYSTEM_PROMPT, MirroredSampler, PromptDataset, PromptSampler, arithmetic_problems,
+                                arithmetic_solution, load_eval_items, make_arithmetic_dataset,
+                                make_arithmetic_splits, read_rows, strip_dapo_instruction)
 from megatron_tbrm.reward import math_reward
 
 
@@ -164,3 +168,174 @@ def test_sft_solution_format_earns_full_reward():
     assert math_reward(sol, "95") == 1.0
     with pytest.raises(ValueError, match="not an arithmetic prompt"):
         arithmetic_solution("Hello")
+
+
+# ------------------------------------------------------------------ DAPO-Math-17k's shape
+
+# DAPO-Math-17k's user message, written out from the dataset card / shared/notes/tbrm.md (not
+# taken from the code under test).
+DAPO_HEAD = ("Solve the following math problem step by step. The last line of your response should be of the "
+             "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+DAPO_TAIL = '\n\nRemember to put your answer on its own line after "Answer:"'
+
+
+def dapo_row(problem, answer, index=0, wrapped=True):
+    return {"data_source": "math_dapo",
+            "prompt": [{"role": "user", "content": DAPO_HEAD + problem + DAPO_TAIL if wrapped else problem}],
+            "ability": "MATH", "reward_model": {"ground_truth": answer, "style": "rule-based"},
+            "extra_info": {"index": str(index)}}
+
+
+def write_parquet(path, rows):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_duplicate_rows_are_dropped_counted_and_logged(tmp_path, tok):
+    """Issue 14.2: the public parquet repeats each prompt ~100 times. Rows (index in brackets):
+    A[0] B[1] A[2] C[3] A[4] B[5] A-with-another-answer[6]: 3 duplicates, 4 distinct prompts."""
+    spec = [("A", "1"), ("B", "2"), ("A", "1"), ("C", "3"), ("A", "1"), ("B", "2"), ("A", "9")]
+    p = write_parquet(tmp_path / "dup.parquet", [dapo_row(f"Problem {q}.", a, i) for i, (q, a) in enumerate(spec)])
+    with pytest.warns(UserWarning, match=r"dup\.parquet: dropped 3 duplicate rows .* 4 distinct prompts of 7 rows"):
+        ds = PromptDataset(p, tok, answer_key="reward_model.ground_truth")
+    assert [(i.index, i.answer) for i in ds] == [(0, "1"), (1, "2"), (3, "3"), (6, "9")]
+    assert ds.stats.rows == 7 and ds.stats.duplicates == 3 and ds.stats.kept == 4 and ds.stats.bad == 0
+    kept_all = PromptDataset(p, tok, answer_key="reward_model.ground_truth", dedupe=False)
+    assert len(kept_all) == 7 and kept_all.stats.duplicates == 0
+
+
+def test_parquet_is_read_with_the_needed_columns_only(tmp_path):
+    p = write_parquet(tmp_path / "cols.parquet", [dapo_row("Find 1+1.", "2")])
+    (_, row), = read_rows(p, keys=("prompt", "reward_model.ground_truth"))
+    assert sorted(row) == ["prompt", "reward_model"] and row["reward_model"]["ground_truth"] == "2"
+    (_, full), = read_rows(p)
+    assert sorted(full) == ["ability", "data_source", "extra_info", "prompt", "reward_model"]
+
+
+def test_strip_instruction_trains_on_the_raw_problem_with_the_paper_prompt(tmp_path, tok):
+    """Issue 14.1: DAPO's message asks for "Answer: $Answer"; the paper's template asks for \\boxed{}.
+    strip_instruction keeps the problem only, under the paper's system prompt."""
+    rows = [dapo_row("What is $1+1$?", "2", 0), dapo_row("Compute 3*3.", "9", 1, wrapped=False),
+            dapo_row("Line one.\n\nLine two: find x.", "4", 2)]
+    p = write_parquet(tmp_path / "d.parquet", rows)
+    ds = PromptDataset(p, tok, answer_key="reward_model.ground_truth", strip_instruction=True)
+    assert ds[0].prompt == expected_text("What is $1+1$?")
+    assert ds[1].prompt == expected_text("Compute 3*3.")  # not wrapped: as it is
+    assert ds[2].prompt == expected_text("Line one.\n\nLine two: find x.")
+    assert ds.stats.instruction_stripped == 2
+    kept = PromptDataset(p, tok, answer_key="reward_model.ground_truth")  # default: the message as written
+    assert kept[0].prompt == expected_text(DAPO_HEAD + "What is $1+1$?" + DAPO_TAIL)
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "What is 1 + 2?", "answer": "3"}])
+    with pytest.warns(UserWarning, match="strip_instruction is on but no prompt carries DAPO's instruction"):
+        PromptDataset(plain, tok, strip_instruction=True)
+
+
+@pytest.mark.parametrize("text, problem", [
+    (DAPO_HEAD + "Find x." + DAPO_TAIL, "Find x."),
+    (DAPO_HEAD + "Find x.", "Find x."),  # the reminder missing
+    ("  " + DAPO_HEAD + "Find x." + DAPO_TAIL + "\n", "Find x."),
+    ("Find x." + DAPO_TAIL, None),  # no instruction in front: not DAPO's wrapper
+    ("Solve the following math problem step by step. Find x.", None),
+    (DAPO_HEAD + DAPO_TAIL, None),  # nothing left
+])
+def test_strip_dapo_instruction(text, problem):
+    assert strip_dapo_instruction(text) == problem
+
+
+def test_mirrored_sampler_carries_rank0_state_and_draws_nothing():
+    """Ranks other than 0 load no dataset (issue 14.2); what they save is rank 0's position."""
+    rank0 = PromptSampler(list(range(10)), batch_size=4, seed=3)
+    mirror = MirroredSampler(rank0.state_dict())
+    rank0.next_batch(), rank0.next_batch(), rank0.next_batch()
+    mirror.load_state_dict(rank0.state_dict())  # what train_step does with the broadcast state
+    assert mirror.state_dict() == {"epoch": 1, "index": 2, "seed": 3, "size": 10, "shuffle": True}
+    resumed = PromptSampler(list(range(10)), batch_size=4, seed=0)
+    resumed.load_state_dict(mirror.state_dict())  # a checkpoint saved from the mirror resumes rank 0
+    assert resumed.next_batch() == rank0.next_batch()
+    with pytest.raises(RuntimeError, match="only the sampling rank"):
+        mirror.next_batch()
+    with pytest.raises(RuntimeError, match="no sampler state received"):
+        MirroredSampler().state_dict()
+    with pytest.raises(ValueError, match="expected a PromptSampler state"):
+        MirroredSampler({"epoch": 0})
+
+
+# ------------------------------------------------------------------ evaluation files (issue 14.7)
+
+MATH500_ROWS = [  # MATH500's fields: problem, solution, answer, subject, level, unique_id
+    {"problem": "What is $\\frac{1}{2} + \\frac{1}{2}$?", "solution": "It is $\\boxed{1}$.", "answer": "1",
+     "subject": "Prealgebra", "level": 1, "unique_id": "test/prealgebra/1.json"},
+    {"problem": "Simplify $\\frac{2}{4}$.", "solution": "$\\boxed{\\frac{1}{2}}$", "answer": "\\frac{1}{2}",
+     "subject": "Prealgebra", "level": 2, "unique_id": "test/prealgebra/2.json"},
+]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "vocab_size": 300, "hidden_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256, "max_position_embeddings": 4096,
+    }))
+    return d
+
+
+@pytest.fixture
+def paper_like(tmp_path, model_dir):
+    """A 7B-recipe-like config: DAPO parquet for training, MATH500 JSONL for evaluation."""
+    train = write_parquet(tmp_path / "dapo.parquet", [dapo_row("Find 1+1.", "2", 0), dapo_row("Find 2+2.", "4", 1)])
+    ev = write_jsonl(tmp_path / "math500.jsonl", MATH500_ROWS)
+    return [f"model.path={model_dir}", f"data.train_path={train}", "data.prompt_key=prompt",
+            "data.answer_key=reward_model.ground_truth", "eval.every=50", f"eval.path={ev}",
+            "train.prompts_per_step=4", "train.micro_batch_size=1"], ev
+
+
+def test_math500_eval_with_dapo_training_keys_validates_and_loads(paper_like, tok):
+    overrides, ev = paper_like
+    cfg = load_config(None, overrides)
+    validate(cfg, world_size=1)  # used to stop at start-up with "no usable prompts"
+    items = load_eval_items(ev, tok, cfg.eval.prompt_key, cfg.eval.answer_key, SYSTEM_PROMPT)
+    assert [i.answer for i in items] == ["1", "\\frac{1}{2}"]
+    assert items[1].prompt == expected_text("Simplify $\\frac{2}{4}$.")
+    explicit = load_eval_items(ev, tok, "problem", "answer", SYSTEM_PROMPT, limit=1)
+    assert [i.answer for i in explicit] == ["1"]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["eval.answer_key=final"], r"'eval.answer_key'='final' .*math500\.jsonl: no answer field 'final'; the rows "
+                                r"have fields \['answer', 'level', 'problem', 'solution', 'subject', 'unique_id'\]"),
+    (["eval.prompt_key=question"], r"'eval.prompt_key'='question'.*math500\.jsonl: no prompt field 'question'"),
+    (["data.answer_key=answer"], r"'data.answer_key'='answer' \(data.train_path\): .*dapo\.parquet: no row has both "
+                                 r"the prompt field 'prompt' and the answer field 'answer'; the rows have fields "
+                                 r"\['ability', 'data_source', 'extra_info', 'prompt', 'reward_model'\]"),
+])
+def test_bad_data_keys_fail_in_validation_naming_file_and_keys(paper_like, extra, match):
+    overrides, _ = paper_like
+    with pytest.raises(ConfigError, match=match):
+        validate(load_config(None, overrides + extra), world_size=1)
+
+
+def test_eval_file_without_known_fields_fails_in_validation(paper_like, tmp_path):
+    overrides, _ = paper_like
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"q": "1+1", "a": "2"}])
+    with pytest.raises(ConfigError, match=r"odd\.jsonl: no prompt field; looked for \['problem', .*the rows have "
+                                          r"fields \['a', 'q'\]"):
+        validate(load_config(None, overrides + [f"eval.path={odd}"]), world_size=1)
+    validate(load_config(None, overrides + [f"eval.path={odd}", "eval.prompt_key=q", "eval.answer_key=a"]),
+             world_size=1)
+    validate(load_config(None, overrides + [f"eval.path={odd}", "eval.every=0"]), world_size=1)  # not used
+
+
+def test_paper_recipes_train_on_the_raw_problem_with_the_paper_prompt():
+    """The paper's template (Qwen2.5-Math's system prompt asking for \\boxed{}) on the problem
+    alone: the recipes strip DAPO's "Answer: $Answer" wrapper (issue 14.1)."""
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("qwen2.5_math_*.yaml"))
+    assert len(recipes) == 6
+    for r in recipes:
+        cfg = load_config(r)
+        assert cfg.data.strip_instruction and cfg.data.dedupe, r
+        assert cfg.data.system_prompt == "Please reason step by step, and put your final answer within \\boxed{}.", r
