@@ -2,12 +2,15 @@
 
 1. build a tiny Qwen2 chat model (random weights, offline-trained tokenizer);
 2. generate a verifiable task (2-digit arithmetic with \\boxed{} answers), disjoint train/test;
-3. warm-start it with a short supervised Megatron run, so it is right sometimes, not often;
+3. warm-start it with a supervised Megatron run that stops once greedy decoding is right on
+   a held-out probe set (400 problems) inside a band (right sometimes, not often); a warm start
+   that ends outside the band stops the demo with a message (exit 3);
 4. train it with TBRM (n=1) through the real vLLM CPU server, 2 processes over gloo,
    evaluating greedy accuracy on held-out problems before, during and after;
-5. write runs/demo/summary.json and runs/demo/curves.png.
+5. write runs/demo/summary.json and runs/demo/curves.png and say whether it learned: the mean of
+   the last three evaluations at least GOAL_GAIN above the accuracy before (issue 15's goal).
 
-    python -m megatron_tbrm.demo [--out runs/demo] [--steps N] [key.sub=value ...]
+    python -m megatron_tbrm.demo [--out runs/demo] [--steps N] [--seed S] [--sft-seed S] [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -22,14 +25,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
+# "Learned": the mean of the last three held-out evaluations is at least this much above the
+# accuracy before RL (absolute).
+GOAL_GAIN = 0.15
+WARM_START_FAILED = 3  # exit status when the warm start ends outside its band
 
 
-def _run(cmd: list[str], what: str) -> None:
+def _run(cmd: list[str], what: str, ok: tuple[int, ...] = (0,)) -> int:
     print(f"\n[demo] {what}\n[demo] $ {' '.join(cmd)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, cwd=REPO, env=env)
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise SystemExit(f"[demo] {what} failed (exit {proc.returncode})")
+    return proc.returncode
+
+
+def verdict(before: float, mean_last3: float, goal: float = GOAL_GAIN) -> str:
+    """"learned" when the mean of the last evaluations is at least `goal` above the start."""
+    return "learned" if mean_last3 - before >= goal - 1e-9 else "did not learn"
 
 
 def torchrun(nproc: int, module: str, *args: str) -> list[str]:
@@ -45,7 +58,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def summarize(run_dir: Path, out: Path, t0: float) -> dict:
+def summarize(run_dir: Path, out: Path, t0: float, warm_start: dict | None = None) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     evals = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
     steps = max(r["step"] for r in rows)
@@ -65,6 +78,13 @@ def summarize(run_dir: Path, out: Path, t0: float) -> dict:
         "train_reward_last5": sum(r for _, r in rewards[-5:]) / max(len(rewards[-5:]), 1),
         "eval": "greedy exact answer (Math-Verify) on held-out problems, via the vLLM server",
     }
+    summary["gain_mean_last3"] = summary["accuracy_after_mean_last3"] - summary["accuracy_before"]
+    summary["goal"] = f"mean of the last 3 evaluations >= accuracy_before + {GOAL_GAIN}"
+    summary["verdict"] = verdict(summary["accuracy_before"], summary["accuracy_after_mean_last3"])
+    summary["rl_wall_seconds"] = max((r.get("wall_time") or 0.0) for r in rows)
+    if warm_start is not None:
+        summary["warm_start"] = warm_start
+    summary["curves_png"] = str(out / "curves.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _plot(evals, rewards, out / "curves.png")
     return summary
@@ -89,17 +109,26 @@ def _plot(evals, rewards, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .sft import DEMO_BAND, DEMO_SFT_STEPS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--steps", type=int, default=None, help="TBRM steps (default: the recipe's)")
-    ap.add_argument("--sft-match", type=float, default=0.3,
-                    help="warm start until the training-batch greedy exact match reaches this")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="RL seed (parallel.seed and data.seed; default: the recipe's)")
+    ap.add_argument("--sft-seed", type=int, default=0, help="warm-start seed (its data order)")
+    ap.add_argument("--sft-band", type=float, nargs=2, default=list(DEMO_BAND), metavar=("LO", "HI"),
+                    help="the warm start stops at the first held-out probe greedy accuracy in [LO, HI]")
+    ap.add_argument("--sft-steps", type=int, default=DEMO_SFT_STEPS,
+                    help="the warm start's schedule (it stops earlier, inside the band)")
+    ap.add_argument("--reuse-sft", action="store_true",
+                    help="keep an existing warm start in OUT/sft_model (its sft.json must say in_band)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides for the TBRM recipe")
     a = ap.parse_args(argv)
 
-    from .data import make_arithmetic_splits
-    from .sft import DEMO_DATA, DEMO_MODEL_SPEC
+    from .data import make_arithmetic_dataset, make_arithmetic_splits
+    from .sft import DEMO_DATA, DEMO_MODEL_SPEC, DEMO_PROBE_SIZE
     from .tiny import TinyModelSpec, write_tiny_model
 
     t0 = time.time()
@@ -110,11 +139,36 @@ def main(argv: list[str] | None = None) -> int:
     print("[demo] 1/4 tiny model + tokenizer", flush=True)
     write_tiny_model(base, TinyModelSpec(**DEMO_MODEL_SPEC))
     train, test = make_arithmetic_splits(data_dir, n_train=4000, n_test=200, seed=0, **DEMO_DATA)
+    # The warm start's held-out probe: disjoint from the training set and from the RL eval set.
+    probe = make_arithmetic_dataset(data_dir / "probe.jsonl", DEMO_PROBE_SIZE, 0, skip=4200, **DEMO_DATA)
 
-    # Stop the warm start once it is right sometimes, not often (see megatron_tbrm/sft.py).
-    sft = ["--model", str(base), "--data", str(train), "--out", str(sft_model), "--steps", "400",
-           "--stop-at-match", str(a.sft_match)]
-    _run(torchrun(a.nproc, "megatron_tbrm.sft", *sft), "2/4 supervised warm start (Megatron, DP=2)")
+    # Stop the warm start once greedy decoding is right sometimes, not often, on held-out
+    # problems (see megatron_tbrm/sft.py).
+    lo, hi = a.sft_band
+    sft_json = out / "sft.json"
+    if not (a.reuse_sft and sft_json.exists() and json.loads(sft_json.read_text()).get("band_status") == "in_band"):
+        sft_json.unlink(missing_ok=True)
+        sft = ["--model", str(base), "--data", str(train), "--out", str(sft_model), "--steps", str(a.sft_steps),
+               "--decay-steps", str(a.sft_steps), "--seed", str(a.sft_seed), "--probe", str(probe),
+               "--band", str(lo), str(hi), "--metrics-out", str(sft_json)]
+        # A warm start outside its band exits 3 (torchrun reports it as 1) after writing sft.json.
+        rc = _run(torchrun(a.nproc, "megatron_tbrm.sft", *sft), "2/4 supervised warm start (Megatron, DP=2)",
+                  ok=(0, 1, WARM_START_FAILED))
+        if rc != 0 and not sft_json.exists():
+            raise SystemExit(f"[demo] 2/4 supervised warm start failed (exit {rc})")
+    ws = json.loads(sft_json.read_text())
+    warm_start = {"probe_accuracy": ws["probe_accuracy"], "probe_size": ws["probe_size"], "sft_steps": ws["steps"],
+                  "band": ws["band"], "band_status": ws["band_status"], "sft_seed": a.sft_seed,
+                  "sft_seconds": round(ws["seconds"], 1)}
+    if ws["band_status"] != "in_band":
+        print(f"\n[demo] STOP: the warm start failed ({ws['band_status']}): held-out probe greedy accuracy "
+              f"{ws['probe_accuracy']:.3f} after {ws['steps']} SFT steps, outside the band [{lo:.2f}, {hi:.2f}]. "
+              f"TBRM is not run from a start of unknown quality. Probe curve: "
+              + ", ".join(f"{p['step']}:{p['greedy_exact']:.3f}" for p in ws["probe"][-6:])
+              + f". Try another --sft-seed or a longer --sft-steps; details in {sft_json}", flush=True)
+        return WARM_START_FAILED
+    print(f"\n[demo] warm start: held-out probe greedy accuracy {ws['probe_accuracy']:.3f} ({ws['probe_size']} problems) "
+          f"after {ws['steps']} SFT steps, inside the band [{lo:.2f}, {hi:.2f}]", flush=True)
 
     if run_dir.exists():  # a fresh run each time: the demo's numbers are for this run
         import shutil
@@ -123,14 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"model.path={sft_model}", f"data.train_path={train}", f"eval.path={test}", f"run.dir={run_dir}"]
     if a.steps is not None:
         overrides.append(f"train.steps={a.steps}")
+    if a.seed is not None:
+        overrides += [f"parallel.seed={a.seed}", f"data.seed={a.seed}"]
     _run(torchrun(a.nproc, "megatron_tbrm.train", "--config", str(RECIPE), *overrides, *a.overrides),
          "3/4 TBRM (n=1) through the vLLM CPU server")
 
     print("\n[demo] 4/4 summary", flush=True)
-    s = summarize(run_dir, out, t0)
+    s = summarize(run_dir, out, t0, warm_start)
     print(json.dumps({k: s[k] for k in ("accuracy_before", "accuracy_after", "accuracy_after_mean_last3", "steps",
                                         "wall_seconds", "train_reward_first5", "train_reward_last5")}, indent=1))
-    print(f"[demo] wrote {out / 'summary.json'} and {out / 'curves.png'}")
+    print(f"[demo] warm start: probe {warm_start['probe_accuracy']:.3f} after {warm_start['sft_steps']} SFT steps "
+          f"(band {warm_start['band']})")
+    print(f"[demo] held-out greedy accuracy ({len(s['eval_curve'])} evaluations, vLLM): before {s['accuracy_before']:.3f}, "
+          f"after {s['accuracy_after']:.3f}, mean of the last 3 evaluations {s['accuracy_after_mean_last3']:.3f} "
+          f"({s['gain_mean_last3']:+.3f}); {s['steps']} steps, {s['wall_seconds']:.0f} s")
+    print(f"[demo] verdict: {s['verdict'].upper()} (goal: {s['goal']})")
+    print(f"[demo] curve: {out / 'curves.png'}; numbers: {out / 'summary.json'}")
     return 0
 
 

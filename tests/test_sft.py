@@ -121,3 +121,75 @@ def test_sft_tp2_lowers_ce_and_writes_loadable_folder(tiny_model_dir, tmp_path):
 
     ce_after = _hf_ce(out, examples)
     assert ce_after < ce_before - 0.5, (ce_before, ce_after)
+
+
+def _sft_cli(model: Path, data: Path, out: Path, metrics: Path, *extra: str, nproc: int = 2):
+    """nproc 0: a plain process (a world of one), whose exit status is the CLI's own (torchrun
+    reports any failed rank as 1)."""
+    launch = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"] if nproc else []
+    cmd = [
+        sys.executable, *launch,
+        "-m", "megatron_tbrm.sft", "--model", str(model), "--data", str(data), "--out", str(out),
+        "--batch", "16", "--lr", "3e-3", "--warmup-steps", "1", "--no-progress", "--metrics-out", str(metrics), *extra,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@torch.no_grad()
+def _hf_greedy_exact(model_dir: Path, examples) -> float:
+    """transformers greedy decoding, one problem at a time: the fraction whose generated
+    tokens are exactly the solution followed by <|im_end|>."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hits = 0
+    for p_ids, r_ids in examples:
+        out = model.generate(torch.tensor([p_ids]), max_new_tokens=len(r_ids), do_sample=False,
+                             eos_token_id=r_ids[-1], pad_token_id=0)
+        hits += out[0, len(p_ids):].tolist() == r_ids
+    return hits / len(examples)
+
+
+def test_warm_start_stops_inside_the_band_of_the_held_out_probe(tiny_model_dir, tmp_path):
+    """The stopping rule (issue 15, item 1) on the tiny model, 2 DP ranks: the probe file is
+    read and scored every 5 steps (what transformers' greedy decoding gets on it, with the
+    written weights), training stops at the first probe inside the band, and a band the
+    schedule cannot reach fails loudly (exit 3; under torchrun any rank's failure is 1), with the
+    weights still written."""
+    data = make_arithmetic_dataset(tmp_path / "train.jsonl", N, seed=1, digits=2, ops="+")
+    unseen = make_arithmetic_dataset(tmp_path / "unseen.jsonl", N, seed=1, digits=2, ops="+", skip=N)
+    # The probe: the 16 training problems (memorised within tens of steps) and 16 unseen
+    # ones, so its accuracy climbs from 0 to about 0.5 in a few seconds of training.
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text(data.read_text() + unseen.read_text())
+    out, metrics = tmp_path / "sft_out", tmp_path / "metrics.json"
+    proc = _sft_cli(tiny_model_dir, data, out, metrics, "--steps", "200", "--decay-steps", "200",
+                    "--probe", str(probe), "--probe-every", "5", "--band", "0.25", "0.6")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    res = json.loads(metrics.read_text())
+    assert res["band_status"] == "in_band" and res["band"] == [0.25, 0.6]
+    assert res["probe_size"] == 2 * N
+    steps = [p["step"] for p in res["probe"]]
+    accs = [p["greedy_exact"] for p in res["probe"]]
+    assert steps == list(range(0, res["steps"] + 1, 5))  # step 0, then every 5 steps
+    assert 0.25 <= accs[-1] <= 0.6 and all(a < 0.25 for a in accs[:-1])  # the first probe in band
+    assert res["steps"] < 200 and res["probe_accuracy"] == accs[-1]
+    assert "held-out probe greedy exact match" in proc.stdout
+
+    # The number is what greedy decoding of the written model gets on the probe problems.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ref = _hf_greedy_exact(out, _examples(tok, probe))
+    assert abs(ref - res["probe_accuracy"]) <= 1.5 / (2 * N), (ref, res["probe_accuracy"])
+
+    # A band the schedule never reaches: exit 3 with a plain message, the folder still written.
+    out2, metrics2 = tmp_path / "sft_short", tmp_path / "short.json"
+    proc = _sft_cli(tiny_model_dir, data, out2, metrics2, "--steps", "10", "--decay-steps", "10",
+                    "--probe", str(probe), "--probe-every", "5", "--band", "0.9", "1.0", nproc=0)
+    assert proc.returncode == 3, (proc.stdout + proc.stderr)[-6000:]
+    assert "WARM START FAILED: below_band" in proc.stdout
+    res2 = json.loads(metrics2.read_text())
+    assert res2["band_status"] == "below_band" and res2["steps"] == 10
+    assert (out2 / "model.safetensors").exists()

@@ -1,0 +1,78 @@
+"""`make demo` says what happened (issue 15, items 1 and 4), without running the demo:
+- a warm start outside its band stops the demo with a message, before any RL;
+- the summary carries before / after / mean of the last evaluations / verdict / curve path,
+  and the last lines say them in words.
+The learning runs themselves are benchmarks (bench/learning.py, docs/learning.md), not tests.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_tbrm import demo
+
+
+def test_verdict_follows_the_goal():
+    assert demo.verdict(0.10, 0.25) == "learned"
+    assert demo.verdict(0.10, 0.249) == "did not learn"
+    assert demo.verdict(0.10, 0.05) == "did not learn"
+
+
+def _fake_run(tmp_path: Path, evals: list[float]) -> Path:
+    run = tmp_path / "tbrm"
+    run.mkdir(parents=True)
+    rows = [{"step": 0, "wall_time": 0.0, "eval_accuracy": evals[0]}]
+    for step in range(1, 11):
+        row = {"step": step, "reward_mean": 0.1 * step / 10, "wall_time": 6.0 * step}
+        if step % 2 == 0:
+            row["eval_accuracy"] = evals[step // 2]
+        rows.append(row)
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return run
+
+
+def test_summary_and_last_lines(tmp_path, monkeypatch, capsys):
+    run = _fake_run(tmp_path, [0.10, 0.12, 0.15, 0.2, 0.3, 0.32])
+    s = demo.summarize(run, tmp_path, t0=0.0, warm_start={"probe_accuracy": 0.11})
+    assert s["accuracy_before"] == 0.10 and s["accuracy_after"] == 0.32
+    assert s["accuracy_after_mean_last3"] == pytest.approx((0.2 + 0.3 + 0.32) / 3)
+    assert s["gain_mean_last3"] == pytest.approx(s["accuracy_after_mean_last3"] - 0.10)
+    assert s["verdict"] == "learned" and s["warm_start"] == {"probe_accuracy": 0.11}
+    assert s["rl_wall_seconds"] == 60.0 and Path(s["curves_png"]).exists()
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["verdict"] == "learned"
+
+    flat = _fake_run(tmp_path / "flat", [0.10, 0.09, 0.1, 0.08, 0.11, 0.09])
+    assert demo.summarize(flat, tmp_path / "flat", t0=0.0)["verdict"] == "did not learn"
+
+
+def test_failed_warm_start_stops_the_demo(tmp_path, monkeypatch, capsys):
+    import megatron_tbrm.tiny as tiny
+
+    monkeypatch.setattr(tiny, "write_tiny_model", lambda *a, **k: None)
+    calls = []
+
+    def fake_run(cmd, what, ok=(0,)):
+        calls.append(what)
+        assert "megatron_tbrm.sft" in cmd and "--probe" in cmd and "--band" in cmd
+        sft_json = Path(cmd[cmd.index("--metrics-out") + 1])
+        sft_json.write_text(json.dumps({
+            "probe": [{"step": 595, "greedy_exact": 0.05}, {"step": 600, "greedy_exact": 0.06}],
+            "probe_accuracy": 0.06, "probe_size": 400, "steps": 600, "band": [0.1, 0.2],
+            "band_status": "below_band", "seconds": 1.0}))
+        return demo.WARM_START_FAILED
+
+    monkeypatch.setattr(demo, "_run", fake_run)
+    rc = demo.main(["--out", str(tmp_path / "d")])
+    out = capsys.readouterr().out
+    assert rc == demo.WARM_START_FAILED
+    assert calls == ["2/4 supervised warm start (Megatron, DP=2)"]  # no RL after a failed warm start
+    assert "STOP: the warm start failed (below_band)" in out and "0.060" in out
+    # The probe set is held out from both the SFT data and the RL eval set.
+    data = tmp_path / "d" / "data"
+    probe = {json.loads(x)["prompt"] for x in (data / "probe.jsonl").read_text().splitlines()}
+    train = {json.loads(x)["prompt"] for x in (data / "train.jsonl").read_text().splitlines()}
+    test = {json.loads(x)["prompt"] for x in (data / "test.jsonl").read_text().splitlines()}
+    assert len(probe) == 400 and not probe & train and not probe & test
