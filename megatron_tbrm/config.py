@@ -82,6 +82,9 @@ class RolloutSection:
     top_p: float = 1.0
     max_tokens: int = 2048
     stop: list[str] = field(default_factory=list)
+    # Token ids that end a response besides the model's EOS. None: the chat template's end of
+    # turn (`<|im_end|>` for Qwen2.5 base models, whose EOS is `<|endoftext|>`); []: none.
+    stop_token_ids: Optional[list[int]] = None
     max_concurrency: int = 64
     max_model_len: int = 4096
     kv_cache_bytes: Optional[int] = None

@@ -70,10 +70,11 @@ def avg_pass_at_k(scores: Sequence[Sequence[float]]) -> tuple[float, float]:
 
 def generate_and_score(client: "RolloutClient", items: Sequence["PromptItem"], scorer: "RewardScorer",
                        k: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 3072,
-                       seed: int = 0, progress: bool = True,
+                       seed: int = 0, progress: bool = True, stop_token_ids: Optional[Sequence[int]] = None,
                        ) -> tuple[dict, list[list["Trajectory"]], list[list[float]]]:
     """The work behind evaluate(): (summary, trajectories per problem, scores per problem).
-    At temperature 0 one greedy sample per problem is generated and repeated k times."""
+    At temperature 0 one greedy sample per problem is generated and repeated k times. Each
+    response may use min(max_tokens, the server's max_model_len - its own prompt length)."""
     if not items:
         raise ValueError("evaluate: no problems")
     if k < 1:
@@ -81,7 +82,7 @@ def generate_and_score(client: "RolloutClient", items: Sequence["PromptItem"], s
     t0 = time.perf_counter()
     n = 1 if temperature == 0 else k
     trajs = client.generate([prompt_ids_of(it) for it in items], n=n, temperature=temperature, top_p=top_p,
-                            max_tokens=max_tokens, seed=seed, progress=progress)
+                            max_tokens=max_tokens, seed=seed, progress=progress, stop_token_ids=stop_token_ids)
     if len(trajs) != len(items) * n:
         raise RuntimeError(f"the client returned {len(trajs)} samples for {len(items)} problems x {n}")
     t1 = time.perf_counter()
@@ -120,16 +121,17 @@ def generate_and_score(client: "RolloutClient", items: Sequence["PromptItem"], s
 
 def evaluate(client: "RolloutClient", items: Sequence["PromptItem"], scorer: "RewardScorer", k: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 3072, seed: int = 0,
-             progress: bool = True) -> dict:
+             progress: bool = True, stop_token_ids: Optional[Sequence[int]] = None) -> dict:
     """Sample k responses per problem through `client` (a RolloutClient on a vLLM server
     holding the weights to evaluate), grade them with `scorer` against each item's answer.
 
     Returns a flat dict of numbers: problems, k, avg_at_k, pass_at_k (fractions in [0, 1]),
     mean_response_tokens, truncated (fraction of samples cut at max_tokens),
     reward_timeouts, reward_errors, temperature, top_p, max_tokens, generate_seconds,
-    score_seconds, seconds."""
+    score_seconds, seconds. `stop_token_ids`: see RolloutClient.generate."""
     return generate_and_score(client, items, scorer, k=k, temperature=temperature, top_p=top_p,
-                              max_tokens=max_tokens, seed=seed, progress=progress)[0]
+                              max_tokens=max_tokens, seed=seed, progress=progress,
+                              stop_token_ids=stop_token_ids)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +202,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--max-tokens", type=int, default=None, help="response token limit (preset: 3072)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop-token-ids", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=None,
+                   metavar="IDS", help="comma-separated token ids that end a response besides EOS (default: the "
+                   "chat template's end of turn, e.g. <|im_end|>; '' for none)")
     g.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark (smoke tests)")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--save-responses", action="store_true", help="keep every response text in the JSON")
@@ -230,16 +235,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _server_max_model_len(url: str) -> Optional[int]:
-    import requests
-
-    try:
-        data = requests.get(f"{url.rstrip('/')}/v1/models", timeout=10).json()["data"]
-        return int(data[0]["max_model_len"])
-    except Exception:  # noqa: BLE001 - an OpenAI server that does not say
-        return None
-
-
 def make_server(args: argparse.Namespace, model: str, work_dir: Path) -> "VLLMServer":
     """The (not yet started) vLLM server the CLI options describe."""
     from megatron_tbrm.rollout.server import VLLMServer
@@ -258,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_tbrm.benchmarks import get_benchmark, load_benchmark
     from megatron_tbrm.data import load_tokenizer
     from megatron_tbrm.reward import RewardScorer
-    from megatron_tbrm.rollout.client import RolloutClient
+    from megatron_tbrm.rollout.client import RolloutClient, end_of_turn_token_ids
     from megatron_tbrm.rollout.server import VLLMServer
 
     t_start = time.perf_counter()
@@ -294,25 +289,24 @@ def run(args: argparse.Namespace) -> dict:
         client = RolloutClient.for_server(server, max_concurrency=args.concurrency, timeout=args.request_timeout)
         scorer = stack.enter_context(RewardScorer("math", timeout_s=args.reward_timeout,
                                                   num_workers=args.reward_workers))
-        max_len = _server_max_model_len(server.url)
+        stop_ids = args.stop_token_ids if args.stop_token_ids is not None else end_of_turn_token_ids(tokenizer)
+        max_len = client.max_model_len()
 
         results: dict[str, dict] = {}
         for bench in benches:
             items = data[bench.name]
             max_tokens = bench.max_tokens
             if max_len is not None:
-                room = max_len - max(len(it.prompt_ids) for it in items)
-                if room < 1:
-                    raise ValueError(f"{bench.name}: the longest prompt does not fit max_model_len={max_len}")
-                if room < max_tokens:
-                    print(f"{bench.name}: max_tokens {max_tokens} -> {room} to fit max_model_len={max_len}",
-                          file=sys.stderr)
-                    max_tokens = room
+                too_long = [it for it in items if len(it.prompt_ids) >= max_len]
+                if too_long:
+                    raise ValueError(f"{bench.name}: {len(too_long)} prompt(s) leave no room for a response within "
+                                     f"max_model_len={max_len} (problem {too_long[0].index}: "
+                                     f"{len(too_long[0].prompt_ids)} tokens)")
             print(f"{bench.name}: {len(items)} problems, {metric_name(bench.k)}, T={bench.temperature:g}, "
                   f"max_tokens={max_tokens}", file=sys.stderr, flush=True)
             summary, trajs, scores = generate_and_score(
                 client, items, scorer, k=bench.k, temperature=bench.temperature, top_p=bench.top_p,
-                max_tokens=max_tokens, seed=args.seed, progress=not args.no_progress)
+                max_tokens=max_tokens, seed=args.seed, progress=not args.no_progress, stop_token_ids=stop_ids)
             per_problem = []
             for it, ts, ss in zip(items, trajs, scores):
                 row = {"index": it.index, "answer": it.answer, "scores": ss,

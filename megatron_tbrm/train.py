@@ -103,6 +103,10 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(m.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        from .rollout.client import end_of_turn_token_ids
+
+        r = cfg.rollout
+        self.stop_token_ids = r.stop_token_ids if r.stop_token_ids is not None else end_of_turn_token_ids(self.tokenizer)
         self._load_data()
 
         self.step = 0
@@ -240,7 +244,7 @@ class Trainer:
         trajs = self.client.generate(
             [p.prompt_ids for p in prompts], n=r.n, temperature=r.temperature, top_p=r.top_p,
             max_tokens=r.max_tokens, stop=r.stop or None, seed=self.cfg.parallel.seed * 1_000_003 + self.step * 10_007,
-            progress=False,
+            stop_token_ids=self.stop_token_ids, progress=False,
         )
         t_gen = time.perf_counter() - t0
         answers = [prompts[t.prompt_index].answer for t in trajs]
@@ -498,7 +502,8 @@ class Trainer:
 
         e = self.cfg.eval
         res = evaluate(self.client, self.eval_items, self.scorer, k=1, temperature=e.temperature,
-                       max_tokens=e.max_tokens, seed=self.cfg.parallel.seed, progress=False)
+                       max_tokens=e.max_tokens, seed=self.cfg.parallel.seed, progress=False,
+                       stop_token_ids=self.stop_token_ids)
         return {"eval_accuracy": res["avg_at_k"], "eval_response_tokens": res["mean_response_tokens"]}
 
     # ------------------------------------------------------------------ the loop

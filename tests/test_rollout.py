@@ -99,6 +99,61 @@ def test_seeded_requests_over_the_token_budget_survive_and_reproduce(server):
     assert [t.response_token_ids for t in one_by_one] == [t.response_token_ids for t in together[:8]]
 
 
+def test_each_request_gets_its_own_token_budget(client):
+    """Issue 13 item 6: the room left after ONE long prompt capped every request's response
+    (84 tokens instead of 200). Each request: min(max_tokens, max_model_len - its prompt)."""
+    assert client.max_model_len() == 512
+    long_prompt = [(11 * j) % 500 + 3 for j in range(400)]
+    trajs = client.generate([PROMPTS[0], long_prompt], max_tokens=200, temperature=1.0, seed=0,
+                            progress=False, extra={"ignore_eos": True})
+    assert [len(t.response_token_ids) for t in trajs] == [200, 112]
+    with pytest.raises(ValueError, match="prompt 1 has 512 tokens"):
+        client.generate([PROMPTS[0], long_prompt + long_prompt[:112]], max_tokens=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny chat model configured as Qwen2.5 base models are: EOS <|endoftext|> in the
+    config, the generation config and the tokenizer, while the chat template ends a turn with
+    <|im_end|> (shared/notes/tbrm.md)."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("base") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    edits = {"config.json": {"eos_token_id": 0}, "generation_config.json": {"eos_token_id": 0},
+             "tokenizer_config.json": {"eos_token": "<|endoftext|>"}}
+    for name, changes in edits.items():
+        cfg = json.loads((out / name).read_text())
+        cfg.update(changes)
+        (out / name).write_text(json.dumps(cfg))
+    return out
+
+
+def test_responses_end_at_the_chat_templates_end_of_turn(base_model_dir, tmp_path):
+    """Issue 13 item 5: with a base model's EOS, a response that emits <|im_end|> ran on to
+    max_tokens (finish=length). The stop ids come from the tokenizer's chat template."""
+    from transformers import AutoTokenizer
+
+    from megatron_tbrm.rollout.client import end_of_turn_token_ids
+
+    tok = AutoTokenizer.from_pretrained(base_model_dir)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token == "<|endoftext|>" and im_end != tok.eos_token_id
+    assert end_of_turn_token_ids(tok) == [im_end]
+    text = tok.apply_chat_template([{"role": "user", "content": "1+1"}], add_generation_prompt=True, tokenize=False)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    force = {"logit_bias": {str(im_end): 100.0}}  # the model says <|im_end|> at once
+    with vllm_server(base_model_dir, tmp_path / "vllm", max_num_seqs=4) as srv:
+        c = RolloutClient.for_server(srv, timeout=120, retries=0)
+        runs_on = c.generate([prompt], max_tokens=20, seed=0, progress=False, extra=force)[0]
+        assert runs_on.finish_reason == "length" and len(runs_on.response_token_ids) == 20
+        ends = c.generate([prompt], max_tokens=20, seed=0, progress=False, extra=force,
+                          stop_token_ids=end_of_turn_token_ids(tok))[0]
+    assert ends.finish_reason == "stop"
+    assert ends.response_token_ids == [im_end]  # the stop token is part of the trained response
+
+
 def test_port_in_use_is_reported(server, tiny_model_dir, tmp_path):
     other = VLLMServer(tiny_model_dir, port=server.port, work_dir=tmp_path, **SERVER_KW)
     with pytest.raises(RolloutServerError, match=f"port {server.port} on 127.0.0.1 is already in use"):

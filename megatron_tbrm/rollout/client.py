@@ -83,11 +83,23 @@ class RolloutClient:
         seed: int | None = None,
         progress: bool = True,
         extra: dict[str, Any] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
     ) -> list[Trajectory]:
         """Sample `n` responses per prompt. Returns len(prompts) * n trajectories ordered
         by (prompt_index, sample_index). With `seed`, prompt i uses seed + i * n (vLLM
         seeds sample j of a request with seed + j), so results are reproducible and no two
-        samples share a seed. `extra` is merged into each request body (e.g. stop_token_ids)."""
+        samples share a seed. `stop_token_ids` end a response besides the model's EOS (e.g.
+        the chat template's end of turn, see `end_of_turn_token_ids`); the stop token is
+        part of the response. Each request gets min(max_tokens, max_model_len - its own
+        prompt length) tokens, max_model_len as the server reports it; a prompt with no room
+        left raises ValueError naming it. `extra` is merged into each request body."""
+        limit = self.max_model_len()
+        if limit is not None:
+            for i, ids in enumerate(prompts_token_ids):
+                if len(ids) >= limit:
+                    raise ValueError(f"prompt {i} has {len(ids)} tokens: no room for a response within "
+                                     f"the server's max_model_len={limit}")
+
         def body(i: int, ids: Sequence[int]) -> dict[str, Any]:
             b = {
                 "model": self.model_name,
@@ -95,13 +107,15 @@ class RolloutClient:
                 "n": n,
                 "temperature": temperature,
                 "top_p": top_p,
-                "max_tokens": max_tokens,
+                "max_tokens": max_tokens if limit is None else min(max_tokens, limit - len(ids)),
                 "logprobs": 0,  # log-prob of the sampled token only
                 "return_token_ids": True,
                 "skip_special_tokens": False,
             }
             if stop:
                 b["stop"] = stop
+            if stop_token_ids:
+                b["stop_token_ids"] = [int(t) for t in stop_token_ids]
             if seed is not None:
                 b["seed"] = seed + i * n
             return b | (extra or {})
@@ -144,6 +158,17 @@ class RolloutClient:
             return [float(entries[k][str(ids[k])]["logprob"]) for k in range(len(prompt), len(ids))]
 
         return self._map(one, len(pairs), desc="score", progress=progress)
+
+    def max_model_len(self) -> int | None:
+        """The server's context length (prompt + response), from /v1/models; None if the
+        server does not say. Asked once per client."""
+        if not hasattr(self, "_max_model_len"):
+            try:
+                r = self._session().get(f"{self.base_url}/v1/models", timeout=10.0)
+                self._max_model_len = int(r.json()["data"][0]["max_model_len"])
+            except (requests.RequestException, ValueError, KeyError, IndexError, TypeError):
+                return None  # not cached: a server still starting may answer next time
+        return self._max_model_len
 
     # ------------------------------------------------------------------ plumbing
     def _map(self, fn, count: int, desc: str, progress: bool) -> list[Any]:
@@ -206,3 +231,30 @@ class RolloutClient:
                 if attempt < self.retries:
                     time.sleep(self.backoff_s * 2 ** attempt * (1 + random.random()))
         raise self._fail(f"failed POST {path} after {self.retries + 1} attempts: {last}")
+
+
+def end_of_turn_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn in `tokenizer`'s chat template but that the
+    model may not treat as EOS, e.g. `<|im_end|>` for Qwen2.5 base models, whose
+    generation_config names only `<|endoftext|>`: without them as stop tokens every
+    chat-templated response runs to max_tokens.
+
+    Found by rendering a conversation whose assistant turn is a marker string and reading
+    the special tokens right after the marker (up to the first non-special token). The EOS
+    of the tokenizer is included when it is one of them (harmless: vLLM stops there too).
+    Returns [] for a tokenizer without a chat template, or whose turn ends in plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    marker = "ZQXJ"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+    tail = text[text.rindex(marker) + len(marker):]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = []
+    for tid in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if tid not in special:
+            if ids:
+                break
+            continue  # whitespace before the end-of-turn token
+        ids.append(int(tid))
+    return ids
