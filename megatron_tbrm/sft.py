@@ -271,7 +271,7 @@ def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = D
             warmup_steps = min(DEFAULT_WARMUP, steps // 10)
         eng = Engine(cfg, OptimSettings(lr=lr, min_lr=lr * min_lr_ratio, warmup_steps=warmup_steps,
                                         decay="cosine", total_steps=max(decay_steps or steps, steps),
-                                        clip_grad=1.0))
+                                        clip_grad=1.0), init_weights=False)  # imported next
         import_hf_weights(eng.chunks, cfg, model)
         eng.optimizer.reload_model_params()  # the optimizer's main copies follow the imported weights
         loss_fn = make_loss_fn(cfg.vocab_size)
