@@ -207,27 +207,49 @@ def _parse(text: str):
                  parsing_timeout=None)
 
 
-_MAX_EXACT_EXPONENT = 10_000  # 2^{10^9} is not worth building; Math-Verify decides those
+_MAX_EXACT_BITS = 1 << 20  # a power whose exact value needs more bits is left to Math-Verify
+
+
+def _rational_value(e):
+    """Exact value of `e` built from rationals with +, *, and integer powers (evaluated
+    bottom-up, each power bounded by _MAX_EXACT_BITS), else None."""
+    import sympy
+
+    if isinstance(e, sympy.Rational):
+        return e
+    if isinstance(e, (sympy.Add, sympy.Mul)):
+        vals = [_rational_value(a) for a in e.args]
+        if any(v is None for v in vals):
+            return None
+        return sympy.Add(*vals) if isinstance(e, sympy.Add) else sympy.Mul(*vals)
+    if isinstance(e, sympy.Pow):
+        base, exp = _rational_value(e.base), _rational_value(e.exp)
+        if base is None or exp is None or not exp.is_Integer:
+            return None
+        if base == 0 and exp < 0:
+            return None  # 1/0
+        if max(abs(base.p), base.q).bit_length() * abs(int(exp)) > _MAX_EXACT_BITS:
+            return None
+        return base ** exp
+    return None  # symbols, decimals (Float), constants (pi), functions (5!), sets, ...
 
 
 def _exact_rational(parsed: list, written: str):
-    """The exact rational value of a Math-Verify parse (sympy Integer/Rational after
-    evaluation, `x = value` unwrapped), or None when it is anything else: a decimal (Float),
-    a percentage (Math-Verify gives 50% = 50 on purpose), symbols, sets, irrationals."""
+    """The exact rational value of a Math-Verify parse (`x = value` unwrapped), or None when
+    it is not an exact rational built from +, *, integer powers: a decimal (Float), a
+    percentage (Math-Verify gives 50% = 50 on purpose), symbols, sets, irrationals, 5!, ..."""
     import sympy
 
     if not parsed or "%" in written:
         return None
     e = parsed[0]
-    if isinstance(e, sympy.Eq) and isinstance(e.lhs, sympy.Symbol):
-        e = e.rhs
-    if not isinstance(e, sympy.Expr) or e.free_symbols or e.has(sympy.Float):
+    try:
+        if isinstance(e, sympy.Eq) and isinstance(e.lhs, sympy.Symbol):
+            e = e.rhs
+        v = _rational_value(e)
+    except Exception:  # noqa: BLE001 - not a plain number after all: Math-Verify decides
         return None
-    for p in e.atoms(sympy.Pow):
-        if p.exp.is_Integer and abs(p.exp) > _MAX_EXACT_EXPONENT:
-            return None
-    v = e.doit()
-    return v if v.is_Rational else None
+    return v if v is not None and v.is_Rational else None
 
 
 @register_reward("math", fast=math_fast_path, extract=extract_final_answer)

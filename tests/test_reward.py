@@ -78,6 +78,10 @@ CASES = [  # (response, reference, expected reward)
     ("\\boxed{10^{-30}}", "0", 0.0),
     ("\\boxed{10^{18}+1}", "1000000000000000000", 0.0),
     ("\\boxed{\\frac{6}{4}}", "\\frac{3}{2}", 1.0),
+    ("\\boxed{\\frac{1}{2^{2^{5}}}}", "\\frac{1}{2^{33}}", 0.0),  # exponents evaluated exactly too
+    ("\\boxed{\\frac{1}{2^{2^{5}}}}", "\\frac{1}{2^{32}}", 1.0),
+    ("\\boxed{(-2)^{3}}", "-8", 1.0),
+    ("\\boxed{5!}", "120", 1.0),  # not +, *, ^ of rationals: Math-Verify decides
     ("\\boxed{50\\%}", "50", 1.0),  # Math-Verify's percentage rule is kept
     # Boxed without braces, as LaTeX accepts it.
     ("so \\boxed 5", "5", 1.0),
