@@ -10,7 +10,7 @@ logits in fp64 on a random model it initialised. Megatron runs in a gloo process
   accepted, as published and as transformers 5 re-writes them, and read as transformers reads them.
 - Every field the builder cannot reproduce is refused with the file, the key and the value.
 - init_weights=False (start-up without random init) leaves nothing unloaded: the weights are
-  NaN-filled before the import and the logits still match.
+  NaN-filled before the import and the logits still match; the default still draws N(0, initializer_range).
 """
 from __future__ import annotations
 
@@ -199,6 +199,9 @@ def _megatron_logits(rank, world_size, hf_dir: str, tokens: torch.Tensor) -> dic
         with torch.no_grad():
             logits = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), attention_mask=None)
         out[name] = logits[..., : c.vocab_size].double()
+    # The default still draws random weights (tests and tools that build random models rely on it).
+    (model,) = build_model(cfg)
+    out["init_std"] = model.embedding.word_embeddings.weight.std().item()
     return out
 
 
@@ -224,6 +227,7 @@ def test_llama3_rope_logits_match_transformers(llama3_model):
     # Plain RoPE is far off past 256 (2.4 here, logits of std 1.6): the comparison below can fail.
     assert (got["plain"][:, late] - ref[:, late]).abs().max().item() > 1e-1
     assert not torch.isnan(got["llama3"]).any()
+    assert got["init_std"] == pytest.approx(0.2, rel=0.05)  # initializer_range, when init is not skipped
     # Megatron in fp32 is as close to the fp64 reference as transformers' own fp32 forward
     # (1.8e-5 here; Megatron 2.1e-5): the same rounding, no formula difference.
     err = (got["llama3"] - ref).abs().max().item()
