@@ -339,3 +339,26 @@ def test_paper_recipes_train_on_the_raw_problem_with_the_paper_prompt():
         cfg = load_config(r)
         assert cfg.data.strip_instruction and cfg.data.dedupe, r
         assert cfg.data.system_prompt == "Please reason step by step, and put your final answer within \\boxed{}.", r
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_duplicates_of_bad_rows_and_other_column_types(tmp_path, tok, fmt):
+    """Bad rows stay bad rows (not duplicates), whatever the file type; an integer or decimal
+    answer column is compared like a string one (Parquet compares raw values in Arrow)."""
+    rows = [{"prompt": None, "answer": 1}, {"prompt": None, "answer": 1},
+            {"prompt": [], "answer": 1}, {"prompt": [], "answer": 1},
+            {"prompt": "A", "answer": 1}, {"prompt": "A", "answer": 1}, {"prompt": "A", "answer": 2}]
+    dec = [{"prompt": "B", "answer": 1.5}, {"prompt": "B", "answer": 1.5}, {"prompt": "B", "answer": 2.5}]
+    if fmt == "parquet":
+        p = write_parquet(tmp_path / "x.parquet", [dict(r, prompt=r["prompt"] if r["prompt"] != [] else None)
+                                                   for r in rows])
+        q = write_parquet(tmp_path / "y.parquet", dec)
+    else:
+        p, q = write_jsonl(tmp_path / "x.jsonl", rows), write_jsonl(tmp_path / "y.jsonl", dec)
+    with pytest.warns(UserWarning):
+        ds = PromptDataset(p, tok)
+    assert ds.stats.rows == 7 and ds.stats.bad == 4 and ds.stats.duplicates == 1
+    assert [(i.index, i.answer) for i in ds] == [(4, "1"), (6, "2")]
+    with pytest.warns(UserWarning, match="dropped 1 duplicate rows"):
+        ds = PromptDataset(q, tok)
+    assert [(i.index, i.answer) for i in ds] == [(0, "1.5"), (2, "2.5")]
