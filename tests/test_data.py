@@ -362,3 +362,45 @@ def test_duplicates_of_bad_rows_and_other_column_types(tmp_path, tok, fmt):
     with pytest.warns(UserWarning, match="dropped 1 duplicate rows"):
         ds = PromptDataset(q, tok)
     assert [(i.index, i.answer) for i in ds] == [(0, "1.5"), (2, "2.5")]
+
+
+
+# ------------------------------------------------------------------ the trainer's data start-up (issue 14.2)
+
+
+def _trainer_data_on_rank(rank, world_size, overrides, model_dir):
+    """The data part of Trainer.__init__ (Trainer._load_data) on one gloo rank, no model."""
+    from megatron_tbrm.data import load_tokenizer
+    from megatron_tbrm.train import Trainer
+
+    t = Trainer.__new__(Trainer)
+    t.cfg, t.is_main, t.tokenizer = load_config(None, overrides), rank == 0, load_tokenizer(model_dir)
+    try:
+        t._load_data()
+    except Exception as e:  # returned, not raised: the other rank's outcome is part of the test
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"dataset": None if t.dataset is None else len(t.dataset), "sampler": type(t.sampler).__name__,
+            "state": t.sampler.state_dict(), "stats": t.data_stats,
+            "eval": None if t.eval_items is None else [i.answer for i in t.eval_items]}
+
+
+def test_only_rank0_loads_the_data_and_every_rank_knows_its_state(tmp_path, tiny_model_dir):
+    from _dist import run_distributed
+
+    rows = [dapo_row("Find 1+1.", "2", i) for i in range(5)] + [dapo_row("Find 2+2.", "4", 5)]
+    train = write_parquet(tmp_path / "dapo.parquet", rows)
+    ev = write_jsonl(tmp_path / "math500.jsonl", MATH500_ROWS)
+    overrides = [f"data.train_path={train}", "data.answer_key=reward_model.ground_truth", "data.strip_instruction=true",
+                 "train.prompts_per_step=2", "eval.every=1", f"eval.path={ev}"]
+    r0, r1 = run_distributed(_trainer_data_on_rank, 2, overrides, str(tiny_model_dir))
+    assert r0["dataset"] == 2 and r0["sampler"] == "PromptSampler" and r0["eval"] == ["1", "\\frac{1}{2}"]
+    assert r1["dataset"] is None and r1["sampler"] == "MirroredSampler" and r1["eval"] is None
+    state = {"epoch": 0, "index": 0, "seed": 0, "size": 2, "shuffle": True}
+    assert r0["state"] == r1["state"] == state
+    assert r0["stats"] == r1["stats"]
+    assert r0["stats"]["data_rows"] == 6 and r0["stats"]["data_rows_duplicate"] == 4 and r0["stats"]["data_prompts"] == 2
+
+    bad = [f"data.train_path={train}", "data.answer_key=answer"]  # no usable prompt (what validate() catches)
+    r0, r1 = run_distributed(_trainer_data_on_rank, 2, bad, str(tiny_model_dir))
+    assert r0["error"].startswith("ValueError: ") and "no usable prompts" in r0["error"]
+    assert r1["error"] == "RuntimeError: rank 0 could not load the data: " + r0["error"]
