@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from .data import make_arithmetic_dataset, make_arithmetic_splits
-    from .sft import DEMO_DATA, DEMO_MODEL_SPEC, DEMO_PROBE_SIZE
+    from .sft import DEMO_DATA, DEMO_MODEL_SPEC, DEMO_PROBE_EVERY, DEMO_PROBE_SIZE
     from .tiny import TinyModelSpec, write_tiny_model
 
     t0 = time.time()
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (a.reuse_sft and sft_json.exists() and json.loads(sft_json.read_text()).get("band_status") == "in_band"):
         sft_json.unlink(missing_ok=True)
         sft = ["--model", str(base), "--data", str(train), "--out", str(sft_model), "--steps", str(a.sft_steps),
-               "--decay-steps", str(a.sft_steps), "--seed", str(a.sft_seed), "--probe", str(probe),
+               "--decay-steps", str(a.sft_steps), "--seed", str(a.sft_seed), "--probe", str(probe), "--probe-every", str(DEMO_PROBE_EVERY),
                "--band", str(lo), str(hi), "--metrics-out", str(sft_json)]
         # A warm start outside its band exits 3 (torchrun reports it as 1) after writing sft.json.
         rc = _run(torchrun(a.nproc, "megatron_tbrm.sft", *sft), "2/4 supervised warm start (Megatron, DP=2)",
