@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -109,13 +109,32 @@ def worker_update(model_dir: str, rows: int, seq: int, reps: int) -> None:
     destroy_distributed()
 
 
-def part_a(model_dir: Path, nproc: int, rows: int, seq: int, reps: int) -> dict:
+def run_logged(cmd: list[str], log: Path, what: str) -> str:
+    """Run `cmd` with its output in `log` (kept); on failure exit showing why: every rank's
+    traceback and the vLLM server's own error, not only the launcher's last lines."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
+    text = log.read_text(errors="replace")
+    if rc:
+        why = [ln for ln in text.splitlines() if "failed" in ln or "Error" in ln][-20:]
+        server_logs = sorted(log.parent.glob("**/vllm/server.log"))
+        if server_logs:
+            from megatron_tbrm.rollout.server import first_exception
+
+            cause = first_exception(server_logs[-1].read_text(errors="replace"))
+            why.append(f"vLLM server log {server_logs[-1]}: {cause or 'no exception found'}")
+        raise SystemExit(f"{what} failed (exit {rc}); full output in {log}\n" + "\n".join(why)
+                         + "\n--- last lines ---\n" + text[-3000:])
+    return text
+
+
+def part_a(model_dir: Path, nproc: int, rows: int, seq: int, reps: int, work: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
            __file__, "--worker", str(model_dir), str(rows), str(seq), str(reps)]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if out.returncode:
-        raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    out = run_logged(cmd, work / "part_a.log", "part A (update step)")
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 def part_b(model_dir: Path, data: Path, nproc: int, steps: int, work: Path) -> dict:
@@ -128,9 +147,7 @@ def part_b(model_dir: Path, data: Path, nproc: int, steps: int, work: Path) -> d
                f"model.path={model_dir}", f"data.train_path={data}", f"run.dir={run_dir}", f"train.steps={steps}",
                "eval.every=0", "checkpoint.save_every=0", "model.value_offset=false", "run.progress=false",
                "train.prompts_per_step=32", "train.micro_batch_size=8", *over]
-        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        if out.returncode:
-            raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
+        run_logged(cmd, run_dir / "launcher.log", f"part B ({name})")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "step_s" in r][1:]  # the first step warms up
         res[name] = {k: statistics.median(r[k] for r in rows) for k in ("step_s", "rollout_s", "ref_s", "train_s", "sync_s")}
@@ -149,30 +166,33 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--skip-full", action="store_true", help="only part A")
     ap.add_argument("--arch", default="tiny", choices=["tiny", *ARCHS], help="part A's model")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-step",
+                    help="model, data, runs and logs (kept: a failed run can be read)")
     a = ap.parse_args()
 
     from megatron_tbrm.data import make_arithmetic_splits
     from megatron_tbrm.tiny import TinyModelSpec, write_tiny_model
 
-    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
-        work = Path(tmp)
-        model = write_tiny_model(work / "model", TinyModelSpec())
-        train, _ = make_arithmetic_splits(work / "data", 512, 16)
-        a_res = part_a(model if a.arch == "tiny" else a.arch, a.nproc, a.rows, a.seq, a.reps)
-        where = a_res.get("device", "CPU")
-        print(f"A. update step, {a.arch} model, {a.rows} rows x {a.seq} tokens per DP rank, {a.nproc} ranks, {where}")
-        print(f"   cross-entropy step: {a_res['ce'] * 1e3:8.1f} ms")
-        print(f"   TBRM step:          {a_res['tbrm'] * 1e3:8.1f} ms")
-        print(f"   TBRM / CE:          {a_res['tbrm'] / a_res['ce']:8.3f}   (goal < 1.10)")
-        if "peak_gib" in a_res:
-            print(f"   peak GPU memory:    {a_res['peak_gib']:8.2f} GiB")
-        if a.skip_full:
-            return
-        b = part_b(model, train, a.nproc, a.steps, work)
-        print(f"B. full step, same prompts (32 per step), {a.nproc} trainer ranks, vLLM CPU server")
-        for k, v in b.items():
-            print(f"   {k}: " + ", ".join(f"{m}={s:.2f}s" for m, s in v.items()))
-        print(f"   GRPO n=4 / TBRM n=1 step time: {b['grpo_n4']['step_s'] / b['tbrm_n1']['step_s']:.2f}x   (paper, 7B: 3.1x)")
+    work = a.work
+    if work.exists():
+        shutil.rmtree(work)  # a previous bench's runs: metrics.jsonl would be appended to
+    model = write_tiny_model(work / "model", TinyModelSpec())
+    train, _ = make_arithmetic_splits(work / "data", 512, 16)
+    a_res = part_a(model if a.arch == "tiny" else a.arch, a.nproc, a.rows, a.seq, a.reps, work)
+    where = a_res.get("device", "CPU")
+    print(f"A. update step, {a.arch} model, {a.rows} rows x {a.seq} tokens per DP rank, {a.nproc} ranks, {where}")
+    print(f"   cross-entropy step: {a_res['ce'] * 1e3:8.1f} ms")
+    print(f"   TBRM step:          {a_res['tbrm'] * 1e3:8.1f} ms")
+    print(f"   TBRM / CE:          {a_res['tbrm'] / a_res['ce']:8.3f}   (goal < 1.10)")
+    if "peak_gib" in a_res:
+        print(f"   peak GPU memory:    {a_res['peak_gib']:8.2f} GiB")
+    if a.skip_full:
+        return
+    b = part_b(model, train, a.nproc, a.steps, work)
+    print(f"B. full step, same prompts (32 per step), {a.nproc} trainer ranks, vLLM CPU server")
+    for k, v in b.items():
+        print(f"   {k}: " + ", ".join(f"{m}={s:.2f}s" for m, s in v.items()))
+    print(f"   GRPO n=4 / TBRM n=1 step time: {b['grpo_n4']['step_s'] / b['tbrm_n1']['step_s']:.2f}x   (paper, 7B: 3.1x)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Layout of a checkpoint root:
 
 A save is written to `iter_N.tmp`, renamed once every rank has finished, and only then is
 `latest` replaced (atomically): a crash while saving never touches the previous checkpoint.
-Model weights reshard on load, so a checkpoint loads at any TP/PP.
+With `keep_last=K`, older complete checkpoints are deleted only after that, so a crash at any
+point leaves at least one complete checkpoint. Model weights reshard on load, so a
+checkpoint loads at any TP/PP.
 """
 
 from __future__ import annotations
@@ -53,6 +55,32 @@ def iteration_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints under `root`, oldest first: folders named exactly iter_N (a
+    folder gets that name only once its save is complete)."""
+    done = [p for p in Path(root).glob("iter_*") if p.is_dir() and re.fullmatch(r"iter_\d+", p.name)]
+    return sorted(done, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` (>= 1) complete checkpoints, never the one
+    `latest` names; returns what was deleted. Each victim is first renamed to
+    iter_N.deleting (atomic), so a crash mid-delete never leaves a half-deleted folder that
+    looks complete; leftovers of such a crash are removed here too."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} must be >= 1")
+    root = Path(root)
+    newest = latest_checkpoint(root)
+    done = complete_checkpoints(root)
+    victims = [p for p in done[:-keep_last] if p != newest]
+    for p in victims:
+        doomed = p.with_name(p.name + ".deleting")
+        os.replace(p, doomed)
+    for doomed in root.glob("iter_*.deleting"):
+        shutil.rmtree(doomed, ignore_errors=True)
+    return victims
+
+
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
     """The newest complete checkpoint under `root`, or None: the one `latest` names; if `latest`
     is missing or names a folder that is gone (a crash while re-saving that iteration), the
@@ -63,7 +91,7 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
         path = root / marker.read_text().strip()
         if path.is_dir():
             return path
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and re.fullmatch(r"iter_\d+", p.name))
+    done = complete_checkpoints(root)
     return done[-1] if done else None
 
 
@@ -102,9 +130,11 @@ def save_checkpoint(
     scheduler=None,
     extra: Optional[dict[str, Any]] = None,
     hf_dir: Optional[str | Path] = None,
+    keep_last: Optional[int] = None,
 ) -> Path:
     """Save on all ranks (collective). `extra` is common (rank-0) JSON-able state, e.g. the data
-    position; `hf_dir` is the source model folder whose config/tokenizer files are copied."""
+    position; `hf_dir` is the source model folder whose config/tokenizer files are copied;
+    `keep_last=K` then deletes all but the newest K complete checkpoints (None: keep all)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -142,6 +172,8 @@ def save_checkpoint(
         os.replace(marker_tmp, root / "latest")
         if old.exists():
             shutil.rmtree(old)
+        if keep_last:
+            prune_checkpoints(root, keep_last)
     dist.barrier()
     return final
 

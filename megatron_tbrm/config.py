@@ -68,8 +68,15 @@ class DataSection:
 
 @dataclass
 class WeightSyncSection:
-    transport: Literal["http", "shm", "nccl"] = "shm"
+    # shm: same host; http: any host, slow (base64); nccl (GPUs) / gloo (CPU): a broadcast
+    # group from trainer rank 0 to every vLLM worker, any host (weight_sync.py).
+    transport: Literal["http", "shm", "nccl", "gloo"] = "shm"
     bucket_mb: int = 512
+    # Collective transports: the address the vLLM workers reach trainer rank 0 at (default
+    # 127.0.0.1 for a server the trainer starts, this host's name-resolved address when
+    # attached to rollout.server_url), and its port (0: a free one, picked at each connect).
+    master_address: Optional[str] = None
+    master_port: int = 0
 
 
 @dataclass
@@ -142,6 +149,9 @@ class TrainSection:
 class CheckpointSection:
     dir: Optional[str] = None  # default: <run.dir>/checkpoints
     save_every: int = 50
+    # Delete all but the newest K complete checkpoints, each time after a newer one is
+    # complete (a 7B checkpoint with optimizer state is ~100 GB); null: keep every one.
+    keep_last: Optional[int] = None
     load: Optional[str] = None  # initial Megatron checkpoint (else the HF folder is loaded)
 
 
@@ -298,11 +308,21 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"config key '{key}': got {value!r}, expected a {'non-negative' if allow_zero else 'positive'} number")
 
 
-def read_hf_config(model_path: str) -> dict:
+def _model_config_json(model_path: str) -> dict:
+    """model.path's config.json, checked by the model builder's allow-list (model.read_hf_config)
+    now rather than when the trainer builds the model: a field that changes the forward pass
+    and that Megatron cannot carry stops the run here, with the file, key and value named."""
+    from .model import ModelConfigError, read_hf_config
+
     cfg_file = Path(model_path) / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"config key 'model.path': {model_path!r} has no config.json (expected a Hugging Face model folder)")
-    return json.loads(cfg_file.read_text())
+    try:
+        hf = json.loads(cfg_file.read_text())
+        read_hf_config(hf, where=str(cfg_file))
+    except (ModelConfigError, ValueError) as e:
+        raise ConfigError(f"config key 'model.path': {e}") from None
+    return hf
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
@@ -322,10 +342,19 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"config key 'parallel.vpp': got {par.vpp!r}; virtual stages need parallel.pp > 1 and vpp >= 1")
     if par.sequence_parallel and par.tp == 1:
         raise ConfigError("config key 'parallel.sequence_parallel': true needs parallel.tp > 1")
+    if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"config key 'checkpoint.keep_last': got {cfg.checkpoint.keep_last}; "
+                          "must be >= 1 (or null to keep every checkpoint)")
+    if cfg.rollout.weight_sync.transport == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("config key 'rollout.weight_sync.transport': 'nccl' needs GPUs on the trainer and "
+                              "the vLLM workers; without CUDA use 'gloo' (the same broadcast code path) or 'shm'")
 
     if not cfg.model.path:
         raise ConfigError("config key 'model.path' is required: a Hugging Face model folder")
-    hf = read_hf_config(cfg.model.path)
+    hf = _model_config_json(cfg.model.path)
     heads = hf.get("num_attention_heads")
     kv_heads = hf.get("num_key_value_heads", heads)
     layers = hf.get("num_hidden_layers")

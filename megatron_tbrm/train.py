@@ -113,6 +113,7 @@ class Trainer:
         self.v_offset = 0.0
         self.bad_steps = 0
         self.server_failures = 0
+        self._last_server_failure: tuple[int, Optional[str]] | None = None
         if resume:
             self._resume()
 
@@ -210,7 +211,22 @@ class Trainer:
             self.server.wait_healthy(r.startup_timeout_s)
         self.client = RolloutClient.for_server(self.server, max_concurrency=r.max_concurrency, timeout=r.request_timeout_s)
         self.sync = WeightSync(self.server, transport=r.weight_sync.transport, bucket_bytes=r.weight_sync.bucket_mb * 2**20)
+        self._connect_sync()
         self.scorer = RewardScorer(self.cfg.reward.name, timeout_s=self.cfg.reward.timeout_s, num_workers=self.cfg.reward.workers)
+
+    def _connect_sync(self) -> None:
+        """Rank 0, collective transports: (re)make the broadcast group with the server's
+        workers; needed once per server process (a restarted server has new workers)."""
+        from .weight_sync import COLLECTIVE
+
+        ws = self.cfg.rollout.weight_sync
+        if ws.transport not in COLLECTIVE:
+            return
+        import socket
+
+        address = ws.master_address or ("127.0.0.1" if not self.cfg.rollout.server_url
+                                        else socket.gethostbyname(socket.gethostname()))
+        self.sync.connect(address, ws.master_port, timeout_s=self.cfg.rollout.startup_timeout_s)
 
     def _open_logs(self) -> None:
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
@@ -223,6 +239,8 @@ class Trainer:
                 print("[train] tensorboard not installed: no TensorBoard scalars", file=sys.stderr)
 
     def close(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
         if self.scorer is not None:
             self.scorer.close()
         if self.server is not None:
@@ -280,12 +298,23 @@ class Trainer:
             if self.cfg.rollout.server_url or self.server_failures > limit:
                 raise RolloutServerError(f"rollout failed at step {self.step} ({self.server_failures} failure(s) in a row, "
                                          f"rollout.max_restarts={limit}): {e}") from None
-            print(f"[train] rollout server failed at step {self.step}: {str(e).splitlines()[0]}; restarting it "
+            # The batch is redone with the same prompts and seeds: the same error again means
+            # it is deterministic and more restarts would only repeat it.
+            failure = (self.step, self.server.root_cause())
+            if failure[1] is not None and failure == self._last_server_failure:
+                raise RolloutServerError(
+                    f"rollout failed at step {self.step} again after a restart, with the same error: {failure[1]} "
+                    f"(deterministic: the batch is redone with the same prompts and seeds; not restarting again): {e}"
+                ) from None
+            self._last_server_failure = failure
+            print(f"[train] rollout server failed at step {self.step}: {str(e).splitlines()[0]} "
+                  f"(root cause in its log: {failure[1] or 'none found'}); restarting it "
                   f"({self.server_failures}/{limit}) and redoing the batch", file=sys.stderr, flush=True)
             self.sampler.load_state_dict(before)
             self.server.stop()
             self.server.start()
             self.server.wait_healthy(self.cfg.rollout.startup_timeout_s)
+            self._connect_sync()
             return ("restart",)
         self.server_failures = 0
         if self.cfg.loss.name == "grpo":
@@ -494,7 +523,7 @@ class Trainer:
         save_checkpoint(
             self.ckpt_dir, self.step, self.policy.chunks, self.policy.optimizer, self.policy.scheduler,
             extra={"sampler": self.sampler.state_dict(), "v_offset": self.v_offset, "step": self.step},
-            hf_dir=self.cfg.model.path,
+            hf_dir=self.cfg.model.path, keep_last=self.cfg.checkpoint.keep_last,
         )
 
     def evaluate(self) -> dict:

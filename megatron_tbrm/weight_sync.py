@@ -8,8 +8,12 @@ workers through the WeightReceiver extension, in buckets of about `bucket_bytes`
 
 Transports: "http" (safetensors bytes, base64 in the /collective_rpc JSON body: works
 everywhere, incl. a server on another node), "shm" (a safetensors file in /dev/shm: same
-host only, skips base64 and JSON), "nccl" (GPU only: broadcast from the trainer into the
-worker's NCCL group; call init_nccl() once first). Only rank 0 calls push().
+host only, skips base64 and JSON), and the collective transports "nccl" (GPUs) and "gloo"
+(CPU, or GPUs without NCCL between the nodes): one code path, a broadcast from the trainer
+to every vLLM worker over a process group made with vLLM's
+`stateless_init_torch_distributed_process_group` (it leaves both sides' global
+torch.distributed state alone); call connect() once after the server is up, and again after
+it restarts. Only rank 0 calls push().
 
 `logprob_gap` is the train/rollout consistency metric to log every step.
 """
@@ -26,7 +30,8 @@ import torch
 
 from megatron_tbrm.rollout.server import RolloutServerError, VLLMServer
 
-TRANSPORTS = ("http", "shm", "nccl")
+TRANSPORTS = ("http", "shm", "nccl", "gloo")
+COLLECTIVE = ("nccl", "gloo")
 
 
 def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
@@ -82,36 +87,62 @@ class WeightSync:
         self.pause_mode = pause_mode
         self.strict = strict
         self.rpc_timeout = rpc_timeout
-        self._nccl = None  # trainer side PyNcclCommunicator (rank 0)
-        self._nccl_device: torch.device | None = None
+        self._group = None  # trainer side of the collective transport (rank 0)
+        self._device = torch.device("cpu")
 
-    # ------------------------------------------------------------------ NCCL setup
-    def init_nccl(self, master_address: str, master_port: int, device: torch.device | int | None = None) -> None:
-        """Create the trainer<->workers NCCL group (trainer = rank 0, workers 1..W). Both
-        sides must join at once, so the workers' rpc runs in a thread while we join here."""
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
+    # ------------------------------------------------------------------ collective setup
+    def connect(self, master_address: str, master_port: int, timeout_s: float = 600.0) -> None:
+        """Create the trainer<->workers group of a collective transport: this process is
+        rank 0, the server's workers 1..W. `master_address` must be reachable from the
+        server's workers (this host's address when vLLM runs on other nodes); master_port 0
+        picks a free one. Both sides join at once, so the workers' rpc runs in a thread while we join here. Calling it
+        again (after a server restart) replaces the old group."""
+        import socket
+        from datetime import timedelta
 
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        if self.transport not in COLLECTIVE:
+            raise ValueError(f"connect() is for the collective transports {COLLECTIVE}, not {self.transport!r}")
+        self.close()
         workers = len(self.server.collective_rpc("worker_info"))
-        world_size = 1 + workers
+        # Rank 0's store listens on a socket bound here and handed over: no port race (port 0
+        # picks a free one), and no rendezvous, which under torchrun would make rank 0 a
+        # client of torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE) and time out.
+        listen = socket.create_server((master_address, int(master_port)))
+        port = listen.getsockname()[1]
         with ThreadPoolExecutor(1) as pool:
             remote = pool.submit(self.server.collective_rpc, "init_weight_update_group",
-                                 kwargs=dict(master_address=master_address, master_port=master_port,
-                                             rank_offset=1, world_size=world_size),
-                                 timeout=self.rpc_timeout)
-            group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0,
-                                                 world_size=world_size)
-            self._nccl_device = torch.device("cuda", torch.cuda.current_device()) if device is None \
-                else torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-            self._nccl = PyNcclCommunicator(group, device=self._nccl_device)
+                                 kwargs=dict(master_address=master_address, master_port=port,
+                                             rank_offset=1, world_size=1 + workers, backend=self.transport,
+                                             timeout_s=timeout_s),
+                                 timeout=timeout_s)
+            try:
+                self._group = stateless_init_torch_distributed_process_group(
+                    master_address, port, 0, 1 + workers, self.transport, listen_socket=listen,
+                    timeout=timedelta(seconds=timeout_s))
+            finally:
+                listen.close()  # the store owns a duplicate (detached) descriptor, or failed
             remote.result()
+        self._device = torch.device("cuda", torch.cuda.current_device()) if self.transport == "nccl" \
+            else torch.device("cpu")
+
+    def close(self) -> None:
+        """Drop the trainer's side of the collective group (the server's died with it or
+        is replaced by the next connect())."""
+        group, self._group = self._group, None
+        if group is not None:
+            try:
+                group.shutdown()
+            except Exception:  # noqa: BLE001 - a group whose peers are gone may refuse
+                pass
 
     # ------------------------------------------------------------------ push
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Any]:
         """Load the named tensors into the server; returns metrics (duration_s, bytes,
         buckets, tensors, gbps). Generation is paused meanwhile."""
-        if self.transport == "nccl" and self._nccl is None:
-            raise RuntimeError("WeightSync(transport='nccl'): call init_nccl() before push()")
+        if self.transport in COLLECTIVE and self._group is None:
+            raise RuntimeError(f"WeightSync(transport={self.transport!r}): call connect() before push()")
         t0 = time.perf_counter()
         stats = {"bytes": 0, "buckets": 0, "tensors": 0}
         server = self.server
@@ -130,7 +161,7 @@ class WeightSync:
                     stats["buckets"] += 1
                     stats["tensors"] += len(bucket)
                     stats["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
-                    if self.transport == "nccl":  # the rpc blocks in broadcast until we send
+                    if self.transport in COLLECTIVE:  # the rpc blocks in broadcast until we send
                         self._broadcast(bucket)
                 if inflight is not None:
                     inflight.result()
@@ -185,13 +216,11 @@ class WeightSync:
         meta = dict(names=[n for n, _ in bucket],
                     dtypes=[str(t.dtype).removeprefix("torch.") for _, t in bucket],
                     shapes=[list(t.shape) for _, t in bucket])
-        return lambda: rpc("receive_weights_nccl", kwargs=meta, timeout=timeout)
+        return lambda: rpc("receive_bucket_broadcast", kwargs=meta, timeout=timeout)
 
     def _broadcast(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        stream = torch.cuda.current_stream()
         for _, t in bucket:
-            self._nccl.broadcast(t.detach().to(self._nccl_device).contiguous(), src=0, stream=stream)
-        stream.synchronize()
+            self._group.broadcast(t.detach().to(self._device).contiguous(), root=0).wait()
 
     def _recover(self) -> None:
         """Best effort after a failed push: close the worker's session (untouched modules get

@@ -82,3 +82,16 @@ def test_every_recipe_loads():
             assert cfg.loss.name == "grpo" and cfg.rollout.n == 4
         if "n1" in r.name:
             assert cfg.loss.name == "tbrm" and cfg.rollout.n == 1
+
+
+def test_model_config_fields_megatron_cannot_carry_fail_validation(good, model_dir):
+    """The builder's allow-list runs in validate() (exit 2 before any model is built): a RoPE
+    type megatron-core does not implement is named with its file."""
+    cfg_file = model_dir / "config.json"
+    hf = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(ConfigError, match=r"config key 'model.path': .*config\.json: rope_scaling.*yarn"):
+        validate(load_config(None, good), world_size=1)
+    cfg_file.write_text(json.dumps({**hf, "no_such_field": 1}))
+    with pytest.raises(ConfigError, match=r"config\.json: no_such_field=1 is not a config key"):
+        validate(load_config(None, good), world_size=1)

@@ -195,6 +195,7 @@ def test_sbatch_separate_rollout_nodes(nodes, rollout):
         assert f"rollout.server_url=http://{hosts[train]}:8123" in targs
         assert "rollout.tensor_parallel_size=2" in targs
         assert "rollout.weight_sync.transport=nccl" in targs
+        assert f"rollout.weight_sync.master_address={hosts[0]}" in targs  # where trainer rank 0 runs
         assert VLLM_MODULE not in words
     for j, host in enumerate(hosts[train:]):
         words = out[host]

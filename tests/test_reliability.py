@@ -35,6 +35,7 @@ import psutil
 import pytest
 
 from megatron_tbrm.data import make_arithmetic_splits
+from megatron_tbrm.checkpoint import complete_checkpoints
 from megatron_tbrm.rollout.server import VLLMServer
 
 from _dist import free_port
@@ -261,12 +262,14 @@ def _load(root: Path) -> dict:
     return json.loads([x for x in out.splitlines() if x.startswith('{"iteration"')][-1])
 
 
-@pytest.mark.parametrize("mode", ["save-loop", "resave-loop"])
+@pytest.mark.parametrize("mode", ["save-loop", "resave-loop", "keep-loop"])
 def test_sigkill_while_saving_keeps_a_complete_checkpoint(tmp_path, mode):
     """A torchrun job saving ~100 MB checkpoints in a loop is SIGKILLed at a random moment; the
     root's latest then loads one complete checkpoint (every parameter holds the one value that
     save wrote), never a mix, whatever the kill interrupted. resave-loop writes the same
-    iteration over and over (what a stop after a periodic save of the same step does)."""
+    iteration over and over (what a stop after a periodic save of the same step does);
+    keep-loop saves with keep_last=2 (issue 14 item 4): the deletions of old checkpoints never
+    cost the last complete one, and the disk holds at most 2 complete + 1 in progress."""
     root = tmp_path / "ckpt"
     out_path = tmp_path / "saver.log"
     with open(out_path, "w") as out:
@@ -285,6 +288,39 @@ def test_sigkill_while_saving_keeps_a_complete_checkpoint(tmp_path, mode):
     assert got["min"] == got["max"] == got["extra"]["value"], got  # one complete checkpoint
     assert got["iteration"] in {s["saved"] for s in saved} | {saved[-1]["saved"] + 1}
     assert got["extra"]["value"] >= saved[-1]["value"]  # nothing that finished was lost
+    if mode == "keep-loop":
+        one = _du(Path(got["path"]))
+        assert len(saved) >= 3, "too few saves to see the pruning"
+        assert len(complete_checkpoints(root)) <= 2
+        assert _du(root) < 3.2 * one, (_du(root), one)  # 2 kept + at most one save or delete in flight
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_prune_keeps_the_newest_and_what_latest_names(tmp_path):
+    """keep_last on folders made by hand: the newest K complete checkpoints stay, `latest`'s is
+    never deleted (even when it is not among the newest, e.g. after a re-save of an older
+    iteration), a half-written iter_N.tmp is not counted, and a crash's iter_N.deleting goes."""
+    from megatron_tbrm.checkpoint import latest_checkpoint, prune_checkpoints
+
+    root = tmp_path / "ckpt"
+    for n in (1, 2, 3, 4):
+        d = root / f"iter_{n:07d}"
+        d.mkdir(parents=True)
+        (d / "weights").write_bytes(b"x" * 1000)
+    (root / "iter_0000005.tmp").mkdir()
+    (root / "iter_0000000.deleting").mkdir()
+    (root / "latest").write_text("iter_0000004")
+    gone = prune_checkpoints(root, 2)
+    assert [p.name for p in gone] == ["iter_0000001", "iter_0000002"]
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000003", "iter_0000004", "iter_0000005.tmp", "latest"]
+    assert _du(root) == 2000 + len("iter_0000004")  # two checkpoints and `latest`
+    (root / "latest").write_text("iter_0000003")
+    assert prune_checkpoints(root, 1) == [] and latest_checkpoint(root).name == "iter_0000003"
+    with pytest.raises(ValueError, match="keep_last=0"):
+        prune_checkpoints(root, 0)
 
 
 def test_crash_states_on_disk_load_the_previous_checkpoint(tmp_path):
@@ -345,6 +381,27 @@ def test_vllm_dies_with_no_restarts_left_stops_with_its_log(tmp_path, tiny_model
     # The kill lands in a rollout or in a weight push (then the next rollout finds the server dead).
     assert re.search(r"rollout failed at step \d \(1 failure\(s\) in a row, rollout.max_restarts=0\)", out), out[-6000:]
     assert "vLLM server at http://" in out and f"--- last lines of {run.run_dir / 'vllm' / 'server.log'} ---" in out
+    assert not (left := run.leftovers()), f"orphans after an error exit:\n{describe(left)}"
+
+
+def test_deterministic_server_failure_stops_after_one_restart_with_the_root_cause(tmp_path, tiny_model_dir, data,
+                                                                                   shared, launches):
+    """Issue 13 item 7: a server failure that the redone batch meets again (same prompts, same
+    seeds) used to cost rollout.max_restarts identical restarts, and the error showed vLLM's
+    "EngineCore encountered an issue" rather than the cause. Provoked for real: chunked prefill
+    forced back on with a 64-token step budget, so 8 seeded prompts get split prefills and the
+    CPU engine dies (the failure the server's CPU defaults avoid)."""
+    own_server(shared)
+    run = Launch(tmp_path / "run", trainer_args(
+        tmp_path / "run", tiny_model_dir, data, "parallel.tp=1", "train.steps=2", "checkpoint.save_every=0",
+        "rollout.max_restarts=3", "rollout.extra_args=[--enable-chunked-prefill, --max-num-batched-tokens, '64']"))
+    launches.append(run)
+    rc = run.wait()
+    out = run.output()
+    assert rc != 0 and run.metrics() == []
+    assert out.count("restarting it (") == 1, out[-6000:]  # one restart, not three
+    assert re.search(r"rollout failed at step 0 again after a restart, with the same error: "
+                     r"RuntimeError: CPU Generator does not use offset", out), out[-6000:]
     assert not (left := run.leftovers()), f"orphans after an error exit:\n{describe(left)}"
 
 

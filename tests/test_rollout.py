@@ -154,6 +154,26 @@ def test_responses_end_at_the_chat_templates_end_of_turn(base_model_dir, tmp_pat
     assert ends.response_token_ids == [im_end]  # the stop token is part of the trained response
 
 
+def test_first_exception_of_a_vllm_log():
+    """Lines as vLLM 0.32 wrote them when a CPU engine died (shortened): the root cause is the
+    worker's RuntimeError, not the EngineDeadError every request logs after it, nor a warning
+    that merely mentions an OSError."""
+    from megatron_tbrm.rollout.server import first_exception
+
+    log = "\n".join([
+        "(APIServer pid=1) WARNING 11-29 11:35:13 [system_utils.py:255] Found ulimit of 20000 and failed to "
+        "automatically increase with error current limit exceeds maximum limit. This can cause fd limit errors "
+        "like `OSError: [Errno 24] Too many open files`. Consider increasing with ulimit -n",
+        "(Worker pid=2) ERROR 11-29 11:38:37 [multiproc_executor.py:1063]     gen.set_offset(gen.get_offset() - 4)",
+        "(Worker pid=2) ERROR 11-29 11:38:37 [multiproc_executor.py:1063] RuntimeError: CPU Generator does not use offset",
+        "(APIServer pid=1) ERROR 11-29 11:38:37 [vllm_error.py:54] vllm.v1.engine.exceptions.EngineDeadError: "
+        "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+    ])
+    assert first_exception(log) == "RuntimeError: CPU Generator does not use offset"
+    assert first_exception(log.splitlines()[-1]) is None and first_exception("") is None
+    assert first_exception("Traceback (most recent call last):\nValueError: bad value") == "ValueError: bad value"
+
+
 def test_port_in_use_is_reported(server, tiny_model_dir, tmp_path):
     other = VLLMServer(tiny_model_dir, port=server.port, work_dir=tmp_path, **SERVER_KW)
     with pytest.raises(RolloutServerError, match=f"port {server.port} on 127.0.0.1 is already in use"):

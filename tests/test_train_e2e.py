@@ -2,7 +2,8 @@
 
 - TP=2: a few TBRM steps; reward and loss finite; the policy moves away from the reference
   (log-ratio 0 at step 1, non-zero at step 2: the update changed the weights); the server follows
-  (train/rollout log-prob gap ~0 at step 2, i.e. the sampler had the updated weights).
+  (train/rollout log-prob gap ~0 at step 2, i.e. the sampler had the updated weights), its
+  weights pushed by broadcast over a gloo group (the collective transport).
 - PP=2: one step runs and is finite.
 - Resume: a run restored from its step-1 checkpoint reproduces the uninterrupted run's step 2.
 
@@ -62,7 +63,10 @@ def train(run_dir: Path, model: Path, data, server, *overrides: str, nproc: int 
 @pytest.fixture(scope="module")
 def tp2_run(tmp_path_factory, tiny_model_dir, data, server):
     run_dir = tmp_path_factory.mktemp("tp2")
-    rows = train(run_dir, tiny_model_dir, data, server, "parallel.tp=2", "train.steps=2", "checkpoint.save_every=1")
+    # The weights go over the collective transport (gloo here, NCCL on GPUs: one code path),
+    # as they reach a vLLM server on other nodes (issue 14 item 3).
+    rows = train(run_dir, tiny_model_dir, data, server, "parallel.tp=2", "train.steps=2", "checkpoint.save_every=1",
+                 "rollout.weight_sync.transport=gloo", "rollout.weight_sync.master_address=127.0.0.1")
     return run_dir, rows
 
 

@@ -141,12 +141,30 @@ def test_tied_embeddings_sync_updates_the_output_layer(tied_model_dir, tmp_path)
             assert logprob_gap(torch.tensor([t.response_logprobs]), ref_t[None], torch.ones(1, len(ref_t))) < 1e-5
 
 
+def test_gloo_broadcast_sync_matches_transformers_and_reconnects(server, client, hf_model):
+    """The collective transport (issue 14 item 3) on CPU: a broadcast group with the server's
+    workers over vLLM's stateless process group, backend gloo; the same code path as NCCL."""
+    sync = WeightSync(server, transport="gloo", bucket_bytes=32 * 2**10)
+    with pytest.raises(RuntimeError, match="call connect"):
+        sync.push(hf_model.state_dict().items())
+    sync.connect("127.0.0.1", free_port())
+    for seed in (6, 7):  # a second connect replaces the group (what a server restart needs)
+        perturb(hf_model, seed)
+        ref = hf_logprobs(hf_model, PROMPT, RESPONSE)
+        stats = sync.push(hf_model.state_dict().items())
+        assert stats["not_updated"] == [] and stats["buckets"] > 10
+        after = torch.tensor(client.score_logprobs(PROMPT, RESPONSE), dtype=torch.float64)
+        assert (after - ref).abs().max() < 1e-4, (after - ref).abs().max()
+        sync.connect("127.0.0.1", 0)  # port 0: the store's own free port
+    sync.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL transport needs CUDA (GPU-only test)")
 def test_nccl_sync_matches_transformers(server, client, hf_model):
     perturb(hf_model, 4)
     ref = hf_logprobs(hf_model, PROMPT, RESPONSE)
     sync = WeightSync(server, transport="nccl", bucket_bytes=32 * 2**10)
-    sync.init_nccl("127.0.0.1", free_port(), device=0)
+    sync.connect("127.0.0.1", free_port())
     sync.push((k, v.cuda()) for k, v in hf_model.state_dict().items())
     after = torch.tensor(client.score_logprobs(PROMPT, RESPONSE), dtype=torch.float64)
     assert (after - ref).abs().max() < 1e-3  # GPU kernels (TF32) are looser than CPU fp32

@@ -15,6 +15,7 @@ import atexit
 import ctypes
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,6 +35,24 @@ import requests
 WORKER_EXTENSION = "megatron_tbrm.rollout.worker_extension.WeightReceiver"
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])  # folder holding megatron_tbrm/
 _PR_SET_PDEATHSIG = 1
+
+
+# A traceback's last line, "RuntimeError: ...", bare or as vLLM logs it at ERROR level
+# ("(Worker pid=7) ERROR 11-29 11:44:46 [multiproc_executor.py:1063] RuntimeError: ...").
+_EXCEPTION_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR \S+ \S+ \[[^\]]*\] )?"
+                             r"([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+_WRAPPER_ERRORS = ("EngineDeadError", "EngineCore encountered an issue", "EngineGenerateError")
+
+
+def first_exception(log_text: str) -> str | None:
+    """The first "SomeError: message" line of a vLLM log, skipping vLLM's wrappers that only
+    say the engine died (what follows the first error is mostly its consequences: every
+    request in flight logs an EngineDeadError); None if there is none."""
+    for line in log_text.splitlines():
+        m = _EXCEPTION_LINE.search(line)
+        if m and not any(w in line for w in _WRAPPER_ERRORS):
+            return f"{m.group(1)}: {m.group(2).strip()}"
+    return None
 
 
 class RolloutServerError(RuntimeError):
@@ -272,6 +291,7 @@ class VLLMServer:
         env.update(self.env)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
+        self._log_start = self._log_file.tell()  # this run's part of a log kept across restarts
         _install_signal_handlers()
         self.proc = subprocess.Popen(
             self.command(),
@@ -371,6 +391,17 @@ class VLLMServer:
         with open(self.log_path, "rb") as f:
             tail = deque(f, maxlen=lines)
         return b"".join(tail).decode("utf-8", "replace")
+
+    def root_cause(self) -> str | None:
+        """The first Python exception the server raised since its last start(), as its log
+        shows it ("RuntimeError: CPU Generator does not use offset"), skipping vLLM's
+        wrappers that only say the engine died. None for an attached server or a log
+        without one."""
+        if not self.log_path or not Path(self.log_path).exists():
+            return None
+        with open(self.log_path, "rb") as f:
+            f.seek(getattr(self, "_log_start", 0))
+            return first_exception(f.read(64 * 2**20).decode("utf-8", "replace"))
 
     def error(self, what: str) -> RolloutServerError:
         """A RolloutServerError naming this server, with its log tail when we own it."""

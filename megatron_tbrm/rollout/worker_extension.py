@@ -3,7 +3,8 @@
 vLLM mixes this class into its worker, so `self` is the worker (`self.model_runner`,
 `self.vllm_config`, `self.device`, `self.rank`); its methods are called through the
 server's POST /collective_rpc. Arguments arrive as JSON values, so tensors travel as
-safetensors bytes (base64), as a safetensors file path (/dev/shm), or over NCCL.
+safetensors bytes (base64), as a safetensors file path (/dev/shm), or by broadcast over
+a gloo/NCCL group shared with the trainer.
 
 One update is a session: begin_update(), any number of receive_bucket*() calls, then
 finish_update(). Why a session and not one `model_runner.reload_weights(weights_iterator=...)`
@@ -29,7 +30,8 @@ class WeightReceiver:
     # State lives on the worker instance; attribute names are prefixed so they cannot clash
     # with vLLM's own worker attributes (vLLM asserts on method-name clashes only).
     _tbrm_session: dict[str, Any] | None = None
-    _tbrm_nccl: Any = None
+    _tbrm_group: Any = None  # the trainer's broadcast group (collective transport)
+    _tbrm_group_device: Any = None
 
     # ------------------------------------------------------------------ session
     def begin_update(self) -> None:
@@ -106,39 +108,42 @@ class WeightReceiver:
         """Cheap probe: proves the extension is loaded and says where the worker runs."""
         return {"rank": int(self.rank), "device": str(self.device), "update_active": self._tbrm_session is not None}
 
-    # ------------------------------------------------------------------ NCCL (GPU only)
+    # ------------------------------------------------------------------ collective transport
     def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
-                                 world_size: int) -> None:
-        """Join the trainer's NCCL group: trainer rank 0 is the sender, this worker takes
-        rank `rank_offset + its global vLLM rank`. The trainer must create its side
-        (StatelessProcessGroup rank 0 + PyNcclCommunicator) at the same time."""
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
+                                 world_size: int, backend: str = "nccl", timeout_s: float = 600.0) -> None:
+        """Join the trainer's broadcast group ("nccl" on GPUs, "gloo" anywhere): trainer rank
+        0 sends, this worker takes rank `rank_offset + its global vLLM rank`. Made with
+        vLLM's stateless process group, so vLLM's own groups are untouched; the trainer
+        creates its side at the same time. A second call replaces the group."""
+        from datetime import timedelta
 
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        self.destroy_weight_update_group()
         pc = self.vllm_config.parallel_config
         rank = rank_offset + pc.data_parallel_index * pc.world_size + self.rank
-        group = StatelessProcessGroup.create(host=master_address, port=int(master_port), rank=rank,
-                                             world_size=int(world_size))
-        self._tbrm_nccl = PyNcclCommunicator(group, device=self.device)
+        self._tbrm_group = stateless_init_torch_distributed_process_group(
+            master_address, int(master_port), rank, int(world_size), backend, timeout=timedelta(seconds=timeout_s))
+        self._tbrm_group_device = self.device if backend == "nccl" else torch.device("cpu")
 
-    def receive_weights_nccl(self, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> int:
+    def receive_bucket_broadcast(self, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> int:
         """Receive one bucket broadcast by trainer rank 0 (same order) and load it."""
-        if self._tbrm_nccl is None:
+        if self._tbrm_group is None:
             raise RuntimeError("WeightReceiver: init_weight_update_group() was not called")
         tensors = []
         for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._tbrm_nccl.broadcast(t, src=0, stream=torch.cuda.current_stream())
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self._tbrm_group_device)
+            self._tbrm_group.broadcast(t, root=0).wait()
             tensors.append((name, t))
-        torch.cuda.current_stream().synchronize()
         return self._load(tensors)
 
     def destroy_weight_update_group(self) -> None:
-        if self._tbrm_nccl is not None:
-            destroy = getattr(self._tbrm_nccl, "destroy", None)
-            if destroy is not None:
-                destroy()
-            self._tbrm_nccl = None
+        group, self._tbrm_group = self._tbrm_group, None
+        if group is not None:
+            try:
+                group.shutdown()
+            except Exception:  # noqa: BLE001 - the trainer's side may be gone already
+                pass
 
 
 def _modules_without_weights(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 reliability_ckpt.py ROOT save-loop   # iterations 1, 2, 3, ... until killed
     torchrun --nproc-per-node 2 reliability_ckpt.py ROOT resave-loop # iteration 1, then 2 again and again
+    torchrun --nproc-per-node 2 reliability_ckpt.py ROOT keep-loop   # save-loop with keep_last=2
     torchrun --nproc-per-node 2 reliability_ckpt.py ROOT load        # load ROOT's latest, print what it holds
 
 A ~25M-parameter GPT (TP=2, ~100 MB fp32 per save) so that a save takes long enough for a
@@ -38,13 +39,13 @@ def main() -> None:
     root, mode = sys.argv[1], sys.argv[2]
     ps = init_distributed(tp=2, pp=1, seed=0)
     chunks = build_model(ModelConfig.from_hf(HF))
-    if mode in ("save-loop", "resave-loop"):
+    if mode in ("save-loop", "resave-loop", "keep-loop"):
         value = 0
         while True:
             value += 1
-            it = value if mode == "save-loop" or value == 1 else 2
+            it = value if mode != "resave-loop" or value == 1 else 2
             fill(chunks, float(value))
-            save_checkpoint(root, it, chunks, extra={"value": value})
+            save_checkpoint(root, it, chunks, extra={"value": value}, keep_last=2 if mode == "keep-loop" else None)
             if ps.rank == 0:
                 print(json.dumps({"saved": it, "value": value}), flush=True)
     elif mode == "load":
