@@ -138,6 +138,21 @@ def _patch_megatron() -> None:
 
     p2p_communication._batched_p2p_ops = _tagged_batched_p2p_ops
 
+    # The causal mask is built with a literal device="cuda". In the forward the mode above
+    # redirects it; recomputation (model.recompute) re-runs the forward inside autograd's
+    # backward, where the mode is not active: build the CPU mask directly.
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as tutils
+
+    @functools.lru_cache(maxsize=None)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    tutils.get_default_causal_mask = get_default_causal_mask
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
+
 
 _FORWARD_TAG, _BACKWARD_TAG = 1, 2
 
