@@ -95,8 +95,8 @@ class WeightSync:
         """Create the trainer<->workers group of a collective transport: this process is
         rank 0, the server's workers 1..W. `master_address` must be reachable from the
         server's workers (this host's address when vLLM runs on other nodes); master_port 0
-        picks a free one. Both sides join at once, so the workers' rpc runs in a thread while we join here. Calling it
-        again (after a server restart) replaces the old group."""
+        picks a free one. Both sides join at once, so the workers' rpc runs in a thread while
+        we join here. Calling it again (after a server restart) replaces the old group."""
         import socket
         from datetime import timedelta
 
@@ -122,7 +122,7 @@ class WeightSync:
                     master_address, port, 0, 1 + workers, self.transport, listen_socket=listen,
                     timeout=timedelta(seconds=timeout_s))
             finally:
-                listen.close()  # the store owns a duplicate (detached) descriptor, or failed
+                listen.close()  # a no-op once the store took (detached) the descriptor
             remote.result()
         self._device = torch.device("cuda", torch.cuda.current_device()) if self.transport == "nccl" \
             else torch.device("cpu")

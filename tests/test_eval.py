@@ -32,7 +32,7 @@ class FakeClient:
         self.calls: list[dict] = []
 
     def generate(self, prompts_token_ids, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None,
-                 seed=None, progress=True, extra=None):
+                 seed=None, progress=True, extra=None, stop_token_ids=None):
         self.calls.append(dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed))
         out = []
         for i, ids in enumerate(prompts_token_ids):
