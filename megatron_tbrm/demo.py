@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--steps", type=int, default=None, help="TBRM steps (default: the recipe's)")
-    ap.add_argument("--seed", type=int, default=None,
-                    help="RL seed (parallel.seed and data.seed; default: the recipe's)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="RL seed (parallel.seed and data.seed); `make demo` is the seed-0 row of docs/learning.md")
     ap.add_argument("--sft-seed", type=int, default=0, help="warm-start seed (its data order)")
     ap.add_argument("--sft-band", type=float, nargs=2, default=list(DEMO_BAND), metavar=("LO", "HI"),
                     help="the warm start stops at the first held-out probe greedy accuracy in [LO, HI]")
