@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -209,6 +210,9 @@ def _describe(tp) -> str:
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
 
 
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp, key: str):
     """Check `value` against the annotation `tp`; returns the value (ints widen to floats)."""
     origin = typing.get_origin(tp)
@@ -236,6 +240,10 @@ def _coerce(value: Any, tp, key: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as a string; YAML 1.2 and users
+        # read it as a number.
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):

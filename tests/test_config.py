@@ -95,3 +95,16 @@ def test_model_config_fields_megatron_cannot_carry_fail_validation(good, model_d
     cfg_file.write_text(json.dumps({**hf, "no_such_field": 1}))
     with pytest.raises(ConfigError, match=r"config\.json: no_such_field=1 is not a config key"):
         validate(load_config(None, good), world_size=1)
+
+
+def test_floats_without_a_dot_are_numbers(good, tmp_path):
+    """`optim.lr=1e-3` was refused ("expected a number"): PyYAML reads 1e-3 as a string."""
+    cfg = load_config(None, good + ["optim.lr=1e-3", "loss.beta=5E-2", "optim.adam_eps=1e-08"])
+    assert (cfg.optim.lr, cfg.loss.beta, cfg.optim.adam_eps) == (1e-3, 5e-2, 1e-8)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 2e-6\n")
+    assert load_config(recipe, good).optim.lr == 2e-6
+    with pytest.raises(ConfigError, match="config key 'optim.lr': got '1e-3x', expected a number"):
+        load_config(None, good + ["optim.lr=1e-3x"])
+    with pytest.raises(ConfigError, match="config key 'train.steps': got '1e3', expected an integer"):
+        load_config(None, good + ["train.steps=1e3"])
