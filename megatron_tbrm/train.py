@@ -504,7 +504,7 @@ class Trainer:
             try:
                 return self.sync.push(named)
             except RolloutServerError as e:
-                if self.cfg.rollout.server_url or self.server.alive():
+                if self.cfg.rollout.server_url or not self.server.dies_within(10.0):
                     raise
                 # Our server died during the push: the next rollout finds it dead, restarts it and
                 # pushes these weights again. Finish the export: the other ranks are in its gathers.

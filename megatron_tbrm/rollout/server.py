@@ -332,6 +332,16 @@ class VLLMServer:
         except requests.RequestException:
             return False
 
+    def dies_within(self, seconds: float) -> bool:
+        """True if the owned process is dead or dies within `seconds`: a request that fails
+        because the server is being killed can see it still running for a moment."""
+        deadline = time.monotonic() + seconds
+        while self.alive():
+            if not self._owned or time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
     def stop(self) -> None:
         """Kill the whole process group: SIGTERM, then SIGKILL after the grace period.
         Idempotent; does nothing for an attached server."""
