@@ -3,6 +3,7 @@ from setuptools import find_packages, setup
 
 CORE = [
     "pyyaml>=6",
+    "omegaconf>=2.3",  # recipe inheritance (defaults:) and ${...} interpolation
     "sentencepiece>=0.2",
     "math-verify>=0.8",
     "safetensors>=0.4",
@@ -46,5 +47,12 @@ setup(
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["tbrm-train=megatron_tbrm.train:main"]},
+    entry_points={"console_scripts": [
+        "megatron-tbrm-train=megatron_tbrm.train:main",
+        "tbrm-train=megatron_tbrm.train:main",  # the first name, kept for existing launch lines
+        "megatron-tbrm-eval=megatron_tbrm.cli:evaluate",
+        "megatron-tbrm-convert-hf-to-megatron=megatron_tbrm.convert.hf_to_megatron:cli",
+        "megatron-tbrm-convert-megatron-to-hf=megatron_tbrm.convert.megatron_to_hf:cli",
+        "megatron-tbrm-compare-runs=megatron_tbrm.compare_runs:cli",
+    ]},
 )

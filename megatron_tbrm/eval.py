@@ -15,7 +15,7 @@ CLI (serves the model itself, or uses a running server with --server-url):
 
 DIR_OR_CKPT is an HF folder, or a trainer checkpoint (a folder with `latest`, or an iter_N
 folder with metadata.json) converted to a temporary HF folder with
-tools/convert_megatron_to_hf.py first. Each benchmark runs with its preset (see
+megatron-tbrm-convert-megatron-to-hf first. Each benchmark runs with its preset (see
 benchmarks.py: the paper's avg@32 at T=1 for AIME/AMC, avg@1 greedy for the rest) unless
 --k/--temperature/--top-p/--max-tokens override it. Prints a markdown table to stdout and
 writes JSON with per-benchmark summaries and per-problem scores.
@@ -44,8 +44,7 @@ if TYPE_CHECKING:  # the library path needs neither torch nor vLLM
     from megatron_tbrm.rollout.client import RolloutClient, Trajectory
     from megatron_tbrm.rollout.server import VLLMServer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONVERTER = REPO_ROOT / "tools" / "convert_megatron_to_hf.py"
+CONVERTER = "megatron_tbrm.convert.megatron_to_hf"  # megatron-tbrm-convert-megatron-to-hf
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,11 +144,11 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def convert_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """HF folder `out` from a trainer checkpoint, by tools/convert_megatron_to_hf.py (in a
-    child process: its torch.distributed state and memory go away with it)."""
-    if not CONVERTER.is_file():
-        raise FileNotFoundError(f"{CONVERTER} is missing: a checkpoint cannot be converted without it")
-    cmd = [sys.executable, str(CONVERTER), "--ckpt", str(ckpt), "--out", str(out)]
+    """HF folder `out` from a trainer checkpoint, by the converter module (in a child process:
+    its torch.distributed state and memory go away with it)."""
+    from .convert.launch import module_command
+
+    cmd = [*module_command(CONVERTER), "--ckpt", str(ckpt), "--out", str(out)]
     print(f"converting checkpoint {ckpt} -> {out}", file=sys.stderr, flush=True)
     rc = subprocess.call(cmd, stdout=sys.stderr)
     if rc != 0:

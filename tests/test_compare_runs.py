@@ -1,5 +1,5 @@
-"""tools/compare_runs.py on synthetic metrics.jsonl files: table values computed by hand,
-a PNG with one panel per (metric, x-axis)."""
+"""megatron_tbrm/compare_runs.py (and its tools/ wrapper) on synthetic metrics.jsonl files:
+table values computed by hand, a PNG with one panel per (metric, x-axis)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+from megatron_tbrm import compare_runs
 
-import compare_runs  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_run(path: Path, records: list[dict], tail: str = "") -> Path:

@@ -6,7 +6,6 @@ tokenizer files, and transformers loads the result with no missing or unexpected
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -17,14 +16,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 
 from convert_models import make_test_model, read_all  # noqa: E402
 
-to_megatron = importlib.import_module("convert_hf_to_megatron")
-to_hf = importlib.import_module("convert_megatron_to_hf")
-
+from megatron_tbrm.convert import hf_to_megatron as to_megatron  # noqa: E402
+from megatron_tbrm.convert import megatron_to_hf as to_hf  # noqa: E402
 from megatron_tbrm.hf_mapping import WeightsError  # noqa: E402
 from megatron_tbrm.model import ModelConfigError  # noqa: E402
 

@@ -17,13 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 
-from convert_hf_to_megatron import launch  # noqa: E402
 from convert_models import VOCAB, make_test_model, read_all  # noqa: E402
 
+from megatron_tbrm.convert.launch import launch  # noqa: E402
 from megatron_tbrm.hf_mapping import expected_hf_shapes  # noqa: E402
 from megatron_tbrm.model import ModelConfig  # noqa: E402
 
