@@ -550,6 +550,43 @@ def load_eval_items(path: PathLike, tokenizer: Any, prompt_key: Optional[str] = 
 # The synthetic arithmetic task
 
 
+@dataclasses.dataclass
+class TrainingData:
+    """What rank 0 loads for a training run: the prompts, their sampler, the evaluation items
+    (None without evaluation) and the load counts (floats, logged every step)."""
+
+    dataset: "PromptDataset"
+    sampler: "PromptSampler"
+    eval_items: Optional[list]
+    stats: dict
+
+
+def load_training_data(cfg, tokenizer: Any) -> TrainingData:
+    """The `data` and `eval` sections of a Config -> TrainingData (rank 0 only in the trainer).
+    Evaluation prompts longer than data.max_prompt_tokens are skipped with a warning."""
+    from .log import get_logger
+
+    log = get_logger(__name__)
+    d, e = cfg.data, cfg.eval
+    dataset = PromptDataset(d.train_path, tokenizer, d.prompt_key, d.answer_key, d.system_prompt, d.max_prompt_tokens,
+                            d.strict, strip_instruction=d.strip_instruction, dedupe=d.dedupe)
+    sampler = PromptSampler(dataset, cfg.train.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
+    eval_items = None
+    if e.every and (e.path or d.eval_path):
+        items = load_eval_items(e.path or d.eval_path, tokenizer, e.prompt_key, e.answer_key, d.system_prompt)
+        fit = [it for it in items if len(it.prompt_ids) <= d.max_prompt_tokens]
+        if len(fit) < len(items):
+            log.warning(f"eval: skipped {len(items) - len(fit)} prompts longer than "
+                        f"data.max_prompt_tokens={d.max_prompt_tokens}")
+        eval_items = fit[: e.max_problems]
+    st = dataset.stats
+    log.info(f"data: {st.rows} rows -> {len(dataset)} prompts ({st.duplicates} duplicates dropped, {st.bad} bad rows, "
+             f"{st.too_long} too long, {st.instruction_stripped} instructions stripped)")
+    stats = {"data_rows": float(st.rows), "data_rows_skipped": float(st.bad), "data_rows_duplicate": float(st.duplicates),
+             "data_prompts_too_long": float(st.too_long), "data_prompts": float(len(dataset))}
+    return TrainingData(dataset, sampler, eval_items, stats)
+
+
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _PROBLEM = re.compile(r"What is (-?\d+) ([-+*]) (-?\d+)\?")
 

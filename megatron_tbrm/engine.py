@@ -10,6 +10,7 @@ DP, TP and PP.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -38,28 +39,34 @@ class OptimSettings:
     clip_grad: float = 1.0
     distributed_optimizer: bool = True
 
+    @classmethod
+    def from_section(cls, section, **extra) -> "OptimSettings":
+        """From the config's `optim` section, every field by name (a field this class does not
+        know is a TypeError, not a setting silently dropped), plus `extra` (total_steps, ...)."""
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(section)}, **extra)
 
-def pad_batch(rows: list[dict[str, list]], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Right-pad variable-length rows into [B, S] tensors (causal attention needs no mask)."""
-    seq = max(len(r["tokens"]) for r in rows)
+
+INT_KEYS = ("tokens", "labels")  # padded with pad_id, int64; every other row key: 0, fp32
+
+
+def pad_batch(rows: list[dict], pad_id: int, multiple: int = 8, seq_len: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad variable-length rows into tensors (causal attention needs no mask).
+
+    List values become [B, S] with S = max(longest row, seq_len) rounded up to `multiple`:
+    `tokens`/`labels` int64 padded with pad_id, any other key fp32 padded with 0. Scalar
+    values become [B] fp32. Adds `position_ids` [B, S]."""
+    seq = max(max(len(r["tokens"]) for r in rows), seq_len)
     seq = -(-seq // multiple) * multiple
     out: dict[str, torch.Tensor] = {}
-    for key, fill, dtype in (
-        ("tokens", pad_id, torch.long),
-        ("labels", pad_id, torch.long),
-        ("loss_mask", 0, torch.float32),
-        ("ref_logprobs", 0.0, torch.float32),
-        ("old_logprobs", 0.0, torch.float32),
-    ):
-        if key not in rows[0]:
+    for key, value in rows[0].items():
+        if not isinstance(value, (list, tuple)):
+            out[key] = torch.tensor([float(r[key]) for r in rows], dtype=torch.float32)
             continue
+        fill, dtype = (pad_id, torch.long) if key in INT_KEYS else (0.0, torch.float32)
         t = torch.full((len(rows), seq), fill, dtype=dtype)
         for i, r in enumerate(rows):
             t[i, : len(r[key])] = torch.as_tensor(r[key], dtype=dtype)
         out[key] = t
-    for key in ("rewards", "advantages"):
-        if key in rows[0]:
-            out[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
     out["position_ids"] = torch.arange(seq).unsqueeze(0).expand(len(rows), -1).contiguous()
     return out
 
@@ -237,7 +244,7 @@ class Engine:
             c.to(device)
 
 
-def reduce_metrics(per_microbatch: Iterable[dict]) -> dict:
+def allreduce_metric_sums(per_microbatch: Iterable[dict]) -> dict:
     """Sum metric values (floats, or tensors such as [sum, count] pairs) over micro-batches,
     then over the whole world (only the last stage's TP rank 0 of each DP replica contributes),
     so every rank holds the global sums."""

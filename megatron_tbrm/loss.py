@@ -11,7 +11,7 @@ Two forms of each loss:
   these over micro-batches and data-parallel ranks and divides by the global count, so the
   loss is the mean over the whole global batch whatever the micro-batch split. Each metric is
   a float64 tensor [sum, count] (the form Megatron's training loop sums and divides);
-  `reduce_metrics` turns summed pairs into means.
+  `metric_means` turns summed pairs into means.
 
     # in a Megatron forward_step, on the last pipeline stage:
     loss_func = functools.partial(
@@ -91,7 +91,7 @@ def _pair(total: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
     return torch.stack([total, torch.as_tensor(count, dtype=torch.float64, device=total.device)])
 
 
-def reduce_metrics(metric_sums: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def metric_means(metric_sums: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """[sum, count] pairs (possibly summed over micro-batches / ranks) -> means.
 
     A metric over an empty subset (e.g. no successes in the batch) is nan. `delta_std`
@@ -198,12 +198,12 @@ def tbrm_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     v_offset: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over the batch of delta^2, and metrics (see `tbrm_loss_sums`, `reduce_metrics`)."""
+    """Mean over the batch of delta^2, and metrics (see `tbrm_loss_sums`, `metric_means`)."""
     loss_sum, n, metric_sums = tbrm_loss_sums(
         logits, labels, ref_logprobs, rewards, loss_mask, beta, vocab_size, tp_group, chunk_size,
         v_offset,
     )
-    return loss_sum / n, reduce_metrics(metric_sums)
+    return loss_sum / n, metric_means(metric_sums)
 
 
 # --- GRPO ----------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def grpo_advantages_by_prompt(
 def grpo_loss_sums(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -283,7 +283,8 @@ def grpo_loss_sums(
     """PPO-clip surrogate (+ kl_coef * k3 KL to the reference) as (loss_sum, count, metrics).
 
     Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + kl_coef * k3, with
-    ratio = exp(logp - old_logp) and k3 = exp(ref - logp) - (ref - logp) - 1.
+    ratio = exp(logp - rollout_logp) (the sampler's log-probs: the behaviour policy, which is
+    PPO's pi_old with one update per batch) and k3 = exp(ref - logp) - (ref - logp) - 1.
     token_mean: loss_sum over response tokens, count = response tokens.
     seq_mean: each sequence's tokens averaged first, count = sequences.
     ref_logprobs may be None when kl_coef == 0 (then no KL metric).
@@ -300,11 +301,11 @@ def grpo_loss_sums(
     mask, logprob, _ = _per_token_logprobs(
         logits, labels, loss_mask, vocab_size, tp_group, chunk_size
     )
-    _check_shape("old_logprobs", old_logprobs, tuple(mask.shape))
-    _check_finite("old_logprobs", old_logprobs, mask)
+    _check_shape("rollout_logprobs", rollout_logprobs, tuple(mask.shape))
+    _check_finite("rollout_logprobs", rollout_logprobs, mask)
     zero = torch.zeros_like(logprob)
 
-    ratio = torch.exp(logprob - torch.where(mask, old_logprobs.float(), zero))
+    ratio = torch.exp(logprob - torch.where(mask, rollout_logprobs.float(), zero))
     adv = advantages.float().unsqueeze(1)
     unclipped = -ratio * adv
     clipped = -ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
@@ -337,7 +338,7 @@ def grpo_loss_sums(
 def grpo_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -350,7 +351,7 @@ def grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss over this batch and its metrics (see `grpo_loss_sums`)."""
     loss_sum, count, metric_sums = grpo_loss_sums(
-        logits, labels, old_logprobs, ref_logprobs, advantages, loss_mask, clip_eps, kl_coef,
+        logits, labels, rollout_logprobs, ref_logprobs, advantages, loss_mask, clip_eps, kl_coef,
         aggregation, vocab_size, tp_group, chunk_size,
     )
-    return loss_sum / count, reduce_metrics(metric_sums)
+    return loss_sum / count, metric_means(metric_sums)

@@ -57,6 +57,16 @@ class ModelConfig:
     hf_config: dict = field(default_factory=dict, repr=False)
 
     @classmethod
+    def from_section(cls, section) -> "ModelConfig":
+        """From the config's `model` section: the architecture of `section.path` (from_hf) with
+        every trainer-side field of the section (dtype, fp8, recompute, ...) carried by name."""
+        import dataclasses
+
+        own = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_hf(section.path, **{f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+                                             if f.name in own})
+
+    @classmethod
     def from_hf(cls, path: "str | Path | dict", source: Optional[str] = None, **overrides) -> "ModelConfig":
         """The architecture of a Qwen2 or Llama model from its Hugging Face config.
 

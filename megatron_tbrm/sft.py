@@ -202,7 +202,7 @@ def probe_accuracy(eng, rows: list[dict], loss_fn, ps, pad_id: int = 0) -> float
     token is the model's argmax given the solution so far: exactly the problems on which
     greedy decoding writes the whole solution (answer and <|im_end|> included). One forward
     pass, no gradients; every DP rank scores its slice, every rank gets the global number."""
-    from .engine import pad_batch, reduce_metrics
+    from .engine import pad_batch, allreduce_metric_sums
 
     per = -(-len(rows) // ps.dp_size)
     mine = rows[ps.dp_rank * per:(ps.dp_rank + 1) * per]
@@ -210,7 +210,7 @@ def probe_accuracy(eng, rows: list[dict], loss_fn, ps, pad_id: int = 0) -> float
     if mine:
         mb = pad_batch(mine, pad_id=pad_id)
         out = eng.run([mb], loss_fn, forward_only=True)
-    sums = reduce_metrics(out)
+    sums = allreduce_metric_sums(out)
     hits, n = sums["greedy_match"].tolist()
     return hits / n
 
@@ -248,7 +248,7 @@ def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = D
     """
     import torch.distributed as dist
 
-    from .engine import Engine, OptimSettings, pad_batch, reduce_metrics, split_microbatches
+    from .engine import Engine, OptimSettings, pad_batch, allreduce_metric_sums, split_microbatches
     from .hf_mapping import import_hf_weights
     from .model import ModelConfig
     from .parallel import destroy_distributed, init_distributed
@@ -311,7 +311,7 @@ def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = D
         for _ in range(steps):
             idx = sampler.next_batch()[ps.dp_rank * per_dp:(ps.dp_rank + 1) * per_dp]
             mb = pad_batch([examples[i] for i in idx], pad_id=tok.pad_token_id or 0)
-            metrics = reduce_metrics(eng.run(split_microbatches(mb, mbs), loss_fn))
+            metrics = allreduce_metric_sums(eng.run(split_microbatches(mb, mbs), loss_fn))
             info = eng.step()
             total, count = metrics["ce"].tolist()
             ces.append(total / count)

@@ -58,12 +58,24 @@ def test_bad_input():
 
 
 def test_trainer_groups_by_prompt_index():
-    """The trainer's GRPO path calls the grouped form on the rows' prompt_index (no global-mean
-    fallback left)."""
-    import inspect
+    """The trainer's GRPO (algorithms.GRPO.prepare, run on every rollout batch) groups the
+    samples by their prompt_index, whatever their order, with an empty response dropped from
+    its own group only (no global-mean fallback)."""
+    from types import SimpleNamespace
 
-    from megatron_tbrm import train
+    from megatron_tbrm.algorithms import make_algorithm
+    from megatron_tbrm.rollout.batch import RolloutBatch
+    from megatron_tbrm.rollout.client import Trajectory
 
-    src = inspect.getsource(train.Trainer._rollout_or_restart)
-    assert "grpo_advantages_by_prompt" in src and 'r["prompt_index"]' in src
-    assert "rewards.mean()" not in src
+    def traj(prompt, resp):
+        return Trajectory(prompt, 0, [1, 2], resp, [-0.5] * len(resp), "stop", "")
+
+    # prompt 0: rewards 1, 0 (+ an empty response, dropped); prompt 1: 1, 1, 0, interleaved.
+    trajs = [traj(0, [5]), traj(1, [5]), traj(0, []), traj(1, [6]), traj(0, [7]), traj(1, [7])]
+    batch = RolloutBatch.from_trajectories(trajs, [1.0, 1.0, 0.0, 1.0, 0.0, 0.0], pad_id=0)
+    grpo = make_algorithm(SimpleNamespace(name="grpo"), vocab_size=10, tp_group=None)
+    grpo.prepare(batch)
+    assert batch.metrics["dropped_empty"] == 1.0
+    # group 0: [1, 0] -> mean 0.5, std 0.7071; group 1: [1, 1, 0] -> mean 2/3, std 0.5774
+    assert [s.prompt_index for s in batch.samples] == [0, 1, 1, 0, 1]
+    assert [s.advantage for s in batch.samples] == pytest.approx([0.7071, 0.5774, 0.5774, -0.7071, -1.1547], abs=1e-4)

@@ -16,7 +16,7 @@ from megatron_tbrm.loss import (
     grpo_advantages,
     grpo_loss,
     grpo_loss_sums,
-    reduce_metrics,
+    metric_means,
     tbrm_loss,
     tbrm_loss_sums,
     tbrm_residuals,
@@ -60,7 +60,7 @@ def make_inputs(dtype: torch.dtype, padded: int, seed: int = 0) -> dict[str, tor
         "labels": labels,
         "loss_mask": mask,
         "ref_logprobs": ref,
-        "old_logprobs": old,
+        "rollout_logprobs": old,
         "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0]),
         "advantages": torch.randn(B, generator=g),
     }
@@ -104,7 +104,7 @@ def grpo_reference(inp: dict, aggregation: str, kl_coef: float, clip_eps: float 
         terms = []
         for t in inp["loss_mask"][i].nonzero().flatten().tolist():
             logp = torch.log_softmax(x[i, t], -1)[inp["labels"][i, t]]
-            ratio = torch.exp(logp - inp["old_logprobs"][i, t].double())
+            ratio = torch.exp(logp - inp["rollout_logprobs"][i, t].double())
             a = inp["advantages"][i].double()
             unclipped, clipped = -ratio * a, -torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a
             log_r = inp["ref_logprobs"][i, t].double() - logp
@@ -143,7 +143,7 @@ def run_case(rank: int, tp: int, case: tuple, group, device: str = "cpu") -> dic
         )
     else:
         loss, metrics = grpo_loss(
-            shard, inp["labels"], inp["old_logprobs"], inp["ref_logprobs"], inp["advantages"],
+            shard, inp["labels"], inp["rollout_logprobs"], inp["ref_logprobs"], inp["advantages"],
             inp["loss_mask"], **kwargs, **common,
         )
     loss.backward()
@@ -218,9 +218,9 @@ def test_tbrm_micro_batch_sums_give_the_global_mean() -> None:
     pairs = {k: sum(p[2][k] for p in parts) for k in parts[0][2]}
     loss, metrics = tbrm_loss(*args(inp), vocab_size=VOCAB)
     torch.testing.assert_close(total, loss)
-    assert reduce_metrics(pairs) == pytest.approx(metrics, rel=1e-6)
+    assert metric_means(pairs) == pytest.approx(metrics, rel=1e-6)
     # The first micro-batch (one success) has no failure: that mean is nan, not an error.
-    assert math.isnan(reduce_metrics(parts[0][2])["delta_failure_mean"])
+    assert math.isnan(metric_means(parts[0][2])["delta_failure_mean"])
     d = tbrm_residuals(*args(inp), vocab_size=VOCAB)
     torch.testing.assert_close((d**2).mean(), loss)
 
@@ -229,7 +229,7 @@ def test_tbrm_micro_batch_sums_give_the_global_mean() -> None:
 def test_grpo_micro_batch_sums_give_the_global_mean(aggregation: str) -> None:
     inp = make_inputs(torch.float32, 40)
     def args(d: dict) -> tuple:
-        keys = ("logits", "labels", "old_logprobs", "ref_logprobs", "advantages", "loss_mask")
+        keys = ("logits", "labels", "rollout_logprobs", "ref_logprobs", "advantages", "loss_mask")
         return tuple(d[k] for k in keys)
 
     kw = dict(aggregation=aggregation, kl_coef=0.1, vocab_size=VOCAB)
@@ -284,7 +284,7 @@ def test_tbrm_bad_input(change, match: str) -> None:
         (lambda d: d.update(aggregation="sum"), "aggregation"),
         (lambda d: d.update(ref_logprobs=None, kl_coef=0.1), "kl_coef"),
         (lambda d: d["advantages"].__setitem__(0, float("nan")), "advantages"),
-        (lambda d: d["old_logprobs"].__setitem__((0, 2), float("nan")), "old_logprobs"),
+        (lambda d: d["rollout_logprobs"].__setitem__((0, 2), float("nan")), "rollout_logprobs"),
         (lambda d: d.update(advantages=d["advantages"][:2]), "advantages has shape"),
         (lambda d: d["loss_mask"].__setitem__(0, 0), "no response token"),
     ],
@@ -294,7 +294,7 @@ def test_grpo_bad_input(change, match: str) -> None:
     change(d)
     with pytest.raises(ValueError, match=match):
         grpo_loss(
-            d["logits"], d["labels"], d["old_logprobs"], d["ref_logprobs"], d["advantages"],
+            d["logits"], d["labels"], d["rollout_logprobs"], d["ref_logprobs"], d["advantages"],
             d["loss_mask"], kl_coef=d["kl_coef"], aggregation=d["aggregation"], vocab_size=VOCAB,
         )
 

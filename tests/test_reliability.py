@@ -93,12 +93,14 @@ def describe(procs: list[psutil.Process]) -> str:
 class Launch:
     """One torchrun trainer job in its own session, output in RUN/launcher.log."""
 
-    def __init__(self, run_dir: Path, args: list[str], env: dict | None = None, resume: bool = False):
+    def __init__(self, run_dir: Path, args: list[str], env: dict | None = None, resume: bool = False,
+                 entry: tuple[str, ...] = ("-m", "megatron_tbrm.train")):
+        """`entry`: what torchrun runs (a test worker script with its own arguments for fault injection)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tag = uuid.uuid4().hex
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-               "-m", "megatron_tbrm.train", "--config", str(RECIPE), *args] + (["--resume"] if resume else [])
+               *entry, "--config", str(RECIPE), *args] + (["--resume"] if resume else [])
         full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
         full_env[TAG] = self.tag
         self.log_path = self.run_dir / f"launcher-{self.tag[:8]}.log"
@@ -498,7 +500,7 @@ def test_nan_loss_skips_update_then_stops_with_last_good_state(tmp_path, tiny_mo
     run = Launch(run_dir, trainer_args(run_dir, tiny_model_dir, data, "parallel.tp=1", "train.steps=8",
                                        "train.max_bad_steps=2", "checkpoint.save_every=1",
                                        f"rollout.server_url={shared.url}"),
-                 env={"TBRM_INJECT_NAN_STEPS": "2,4,5"})
+                 entry=(str(REPO / "tests" / "workers" / "train_faults.py"), "--nan-steps", "2,4,5"))
     launches.append(run)
     rc = run.wait()
     out = run.output()

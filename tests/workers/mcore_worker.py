@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tbrm.checkpoint import load_checkpoint, save_checkpoint
-from megatron_tbrm.engine import Engine, OptimSettings, reduce_metrics, split_microbatches
+from megatron_tbrm.engine import Engine, OptimSettings, allreduce_metric_sums, split_microbatches
 from megatron_tbrm.model import ModelConfig, unwrap
 from megatron_tbrm.parallel import destroy_distributed, init_distributed
 
@@ -178,7 +178,7 @@ def main() -> None:
         rows = batch(a.rows, step=step)
         per_dp = a.rows // ps.dp_size
         mine = {k: v[ps.dp_rank * per_dp : (ps.dp_rank + 1) * per_dp] for k, v in rows.items()}
-        m = reduce_metrics(eng.run(split_microbatches(mine, a.mbs), tbrm_loss))
+        m = allreduce_metric_sums(eng.run(split_microbatches(mine, a.mbs), tbrm_loss))
         result["loss"] = m["loss_sum"] / m["count"]
         if ps.dp_size == 1:  # the distributed optimizer leaves each DP rank only its grad shard
             result["grads"] = gather_full(eng.chunks, "grad")

@@ -1,0 +1,102 @@
+"""A step's rollout as typed objects: what rank 0 generates, scores and broadcasts.
+
+`Sample` is one trajectory as token rows for the update; `RolloutBatch` is a step's samples
+with the rollout's metrics and the sampler position after it; `ServerRestarted` says that the
+vLLM server died during the rollout and was restarted (the batch is to be redone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .client import Trajectory
+
+PAD_MULTIPLE = 8
+
+
+@dataclass
+class Sample:
+    """One trajectory (prompt + response) as rows of equal length S = len(tokens).
+
+    tokens: prompt then response ids. labels: tokens shifted left (labels[t] is the token
+    predicted at position t). loss_mask: 1.0 on the positions that predict a response token;
+    the first of them is the last prompt position, where V(s_1) is read.
+    rollout_logprobs: the sampler's log pi(a_h|s_h) at those positions, 0.0 elsewhere
+    (behaviour-policy log-probs: GRPO's ratio denominator and the train/rollout consistency
+    check). advantage: GRPO's, filled by `algorithms.GRPO.prepare`; unused by TBRM.
+    """
+
+    tokens: list[int]
+    labels: list[int]
+    loss_mask: list[float]
+    rollout_logprobs: list[float]
+    reward: float
+    prompt_index: int
+    advantage: float = 0.0
+
+    @classmethod
+    def from_trajectory(cls, t: Trajectory, reward: float, pad_id: int) -> Optional["Sample"]:
+        """None for an empty response (it has no residual)."""
+        p, a = list(t.prompt_token_ids), list(t.response_token_ids)
+        if not a:
+            return None
+        tokens = p + a
+        start = len(p) - 1  # the last prompt position predicts a_1
+        mask = [0.0] * len(tokens)
+        logprobs = [0.0] * len(tokens)
+        for j in range(len(a)):
+            mask[start + j] = 1.0
+            if j < len(t.response_logprobs):
+                logprobs[start + j] = t.response_logprobs[j]
+        return cls(tokens, tokens[1:] + [pad_id], mask, logprobs, float(reward), t.prompt_index)
+
+
+@dataclass
+class RolloutBatch:
+    """A step's samples (empty responses dropped and counted in metrics["dropped_empty"]),
+    the rollout's metrics (floats, logged as they are), and the prompt sampler's state after
+    the step's prompts were drawn (the other ranks mirror it)."""
+
+    samples: list[Sample]
+    metrics: dict[str, float] = field(default_factory=dict)
+    sampler_state: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_trajectories(cls, trajs: Sequence[Trajectory], rewards: Sequence[float], pad_id: int,
+                          **kw) -> "RolloutBatch":
+        samples = [Sample.from_trajectory(t, r, pad_id) for t, r in zip(trajs, rewards)]
+        kept = [s for s in samples if s is not None]
+        batch = cls(kept, **kw)
+        batch.metrics["dropped_empty"] = float(len(samples) - len(kept))
+        return batch
+
+    @property
+    def seq_len(self) -> int:
+        """The longest row, rounded up to PAD_MULTIPLE: one length for the whole step, because
+        pipeline stages exchange fixed shapes."""
+        longest = max((len(s.tokens) for s in self.samples), default=1)
+        return -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+@dataclass
+class ServerRestarted:
+    """The rollout server died during step `step` and was restarted from its HF folder; the
+    step's prompts were put back. Every rank pushes the current policy, then the step is redone."""
+
+    step: int
+    cause: Optional[str] = None
+
+
+def collate(samples: Sequence[Sample], pad_id: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Samples -> tensors right-padded to [B, seq_len] (causal attention needs no mask):
+    tokens, labels (int64, pad_id), loss_mask, rollout_logprobs (fp32, 0), position_ids, and
+    rewards, advantages [B] fp32."""
+    from ..engine import pad_batch
+
+    rows = [{"tokens": s.tokens, "labels": s.labels, "loss_mask": s.loss_mask,
+             "rollout_logprobs": s.rollout_logprobs, "rewards": s.reward, "advantages": s.advantage}
+            for s in samples]
+    return pad_batch(rows, pad_id, seq_len=seq_len)
