@@ -1,4 +1,5 @@
-"""Typed run configuration: a dataclass tree loaded from YAML, with `key.sub=value` overrides.
+"""Typed run configuration: a dataclass tree loaded from YAML recipes (recipe.py: inheritance,
+`key.sub=value` overrides, interpolation).
 
 Everything is validated once, at start, before any process-group work; errors name the
 dotted key, the value given and what is allowed.
@@ -7,6 +8,7 @@ dotted key, the value given and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -15,8 +17,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
-
-import yaml
 
 
 class ConfigError(ValueError):
@@ -251,15 +251,35 @@ def _coerce(value: Any, tp, key: str):
     raise ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
 
 
-def _build(cls, data: Any, prefix: str):
+def _has_interpolation(value) -> bool:
+    if isinstance(value, list):
+        return any(_has_interpolation(v) for v in value)
+    return isinstance(value, str) and "${" in value
+
+
+def _closest(prefix: str, name, names: list[str]) -> str:
+    """"did you mean 'section.key'? " for the allowed name most like `name` (difflib's ratio)."""
+    closest = difflib.get_close_matches(str(name), names, n=1, cutoff=0.0)
+    return f"did you mean '{prefix + '.' if prefix else ''}{closest[0]}'? " if closest else ""
+
+
+def _nowhere(key: str) -> str:
+    return ""
+
+
+def _build(cls, data: Any, prefix: str, where=_nowhere, check_only: bool = False):
+    """The dataclass `cls` from `data`, every key and value checked; errors end with where(key).
+    check_only: a partial tree (one recipe file, before merging), values with interpolations
+    left for later; returns None."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}")
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}{where(prefix)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names), key=str)  # YAML keys may be ints, null, ...
     if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(names)}")
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"unknown config key '{key}'{where(key)}: {_closest(prefix, unknown[0], names)}"
+                          f"allowed keys here: {', '.join(names)}")
     kwargs = {}
     for name in names:
         if name not in data:
@@ -267,45 +287,26 @@ def _build(cls, data: Any, prefix: str):
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], key)
-        else:
-            kwargs[name] = _coerce(data[name], tp, key)
-    return cls(**kwargs)
+            kwargs[name] = _build(tp, data[name], key, where, check_only)
+        elif not (check_only and _has_interpolation(data[name])):
+            try:
+                kwargs[name] = _coerce(data[name], tp, key)
+            except ConfigError as e:
+                raise ConfigError(f"{e}{where(key)}") from None
+    return None if check_only else cls(**kwargs)
 
 
-def _apply_override(tree: dict, item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key.sub=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw  # not YAML (e.g. "a: b: c", "[1"): the raw text, type-checked like any value
-    parts = key.strip().split(".")
-    node = tree
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: '{p}' is not a section")
-    node[parts[-1]] = value
+def _check_tree(tree: dict, where) -> None:
+    _build(Config, tree, "", where, check_only=True)
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
-    """Load YAML `path` (or defaults), apply `key.sub=value` overrides, type-check every key."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping, got {type(tree).__name__}")
-    for item in overrides:
-        _apply_override(tree, item)
-    return _build(Config, tree, "")
+    """Load the recipe `path` (or defaults) with its bases (recipe.py), apply `key.sub=value`
+    overrides, resolve interpolations, type-check every key."""
+    from .recipe import load_tree
+
+    tree, where = load_tree(Path(path) if path is not None else None, list(overrides), _check_tree)
+    return _build(Config, tree, "", where)
 
 
 # -------------------------------------------------------------------------- validation
