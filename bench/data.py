@@ -161,7 +161,7 @@ def main(argv=None) -> None:
 
     sys.path.insert(0, str(ROOT))
     if args.tokenizer is None:
-        from megatron_tbrm.tiny import cached_tiny_model
+        from megatron_tbrm.demo.tiny import cached_tiny_model
 
         args.tokenizer = str(cached_tiny_model(ROOT / ".cache" / "tiny_models"))
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_data_"))

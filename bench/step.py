@@ -170,8 +170,8 @@ def main() -> None:
                     help="model, data, runs and logs (kept: a failed run can be read)")
     a = ap.parse_args()
 
-    from megatron_tbrm.data import make_arithmetic_splits
-    from megatron_tbrm.tiny import TinyModelSpec, write_tiny_model
+    from megatron_tbrm.demo.arithmetic import make_arithmetic_splits
+    from megatron_tbrm.demo.tiny import TinyModelSpec, write_tiny_model
 
     work = a.work
     if work.exists():

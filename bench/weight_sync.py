@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_tbrm.rollout import RolloutClient, VLLMServer  # noqa: E402
-from megatron_tbrm.tiny import TinyModelSpec, cached_tiny_model  # noqa: E402
+from megatron_tbrm.demo.tiny import TinyModelSpec, cached_tiny_model  # noqa: E402
 from megatron_tbrm.weight_sync import WeightSync  # noqa: E402
 
 PROMPT, RESPONSE = [5, 17, 33, 101, 250, 7], [12, 99, 140, 3, 77, 210, 45, 8]

@@ -173,7 +173,10 @@ class EvalSection:
 class RunSection:
     dir: str = "runs/default"
     tensorboard: bool = True
-    progress: bool = True
+    progress: bool = True  # a progress bar when stderr is a terminal (else one log line per step)
+    wandb_project: Optional[str] = None  # log to Weights & Biases too (needs `pip install wandb`)
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: no network, `wandb sync` later
+    wandb_name: Optional[str] = None  # the W&B run name (default: the run folder's name)
 
 
 @dataclass
@@ -334,6 +337,19 @@ def _model_config_json(model_path: str) -> dict:
     return hf
 
 
+def _check_layout(cfg: Config, hf: dict) -> None:
+    """The model builder's own check (ModelConfig.check_parallel: TP divides the heads, the KV
+    heads and the FFN; the pipeline stages divide the layers), named by config key."""
+    from .model import ModelConfig, ModelConfigError
+
+    par = cfg.parallel
+    try:
+        ModelConfig.from_hf(hf, source=str(Path(cfg.model.path) / "config.json")).check_parallel(par.tp, par.pp, par.vpp)
+    except ModelConfigError as e:
+        key = "parallel.pp" if "pipeline" in str(e) else "parallel.tp"
+        raise ConfigError(f"config key '{key}': {e} (model {cfg.model.path})") from None
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Cross-field checks. Raises ConfigError naming the key, the value and what is allowed."""
     if world_size is None:
@@ -364,16 +380,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if not cfg.model.path:
         raise ConfigError("config key 'model.path' is required: a Hugging Face model folder")
     hf = _model_config_json(cfg.model.path)
-    heads = hf.get("num_attention_heads")
-    kv_heads = hf.get("num_key_value_heads", heads)
-    layers = hf.get("num_hidden_layers")
-    if heads is not None and heads % par.tp:
-        raise ConfigError(f"config key 'parallel.tp': got {par.tp}, which does not divide num_attention_heads={heads} of {cfg.model.path}")
-    if kv_heads is not None and kv_heads % par.tp:
-        raise ConfigError(f"config key 'parallel.tp': got {par.tp}, which does not divide num_key_value_heads={kv_heads} of {cfg.model.path}")
-    stages = par.pp * (par.vpp or 1)
-    if layers is not None and layers % stages:
-        raise ConfigError(f"config key 'parallel.pp': {par.pp} pipeline stages x {par.vpp or 1} virtual do not divide num_hidden_layers={layers} of {cfg.model.path}")
+    _check_layout(cfg, hf)
     max_pos = hf.get("max_position_embeddings")
     seq = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens
     if max_pos is not None and seq > max_pos:

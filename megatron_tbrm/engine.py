@@ -118,13 +118,9 @@ class Engine:
 
         ocfg = OptimizerConfig(
             optimizer="adam",
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2,
-            adam_eps=o.adam_eps,
-            clip_grad=o.clip_grad,
+            # the settings megatron-core's OptimizerConfig names as we do
+            **{k: getattr(o, k) for k in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                                          "clip_grad")},
             bf16=self.model_cfg.dtype == "bf16",
             fp16=self.model_cfg.dtype == "fp16",
             params_dtype=self.config.params_dtype,

@@ -38,6 +38,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from .log import get_logger, setup_logging
+
+log = get_logger(__name__)
+
 if TYPE_CHECKING:  # the library path needs neither torch nor vLLM
     from megatron_tbrm.data import PromptItem
     from megatron_tbrm.reward import RewardScorer
@@ -149,7 +153,7 @@ def convert_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     from .convert.launch import module_command
 
     cmd = [*module_command(CONVERTER), "--ckpt", str(ckpt), "--out", str(out)]
-    print(f"converting checkpoint {ckpt} -> {out}", file=sys.stderr, flush=True)
+    log.info(f"converting checkpoint {ckpt} -> {out}")
     rc = subprocess.call(cmd, stdout=sys.stderr)
     if rc != 0:
         raise RuntimeError(f"checkpoint conversion failed (exit code {rc}): {' '.join(cmd)}")
@@ -282,7 +286,7 @@ def run(args: argparse.Namespace) -> dict:
             server = VLLMServer.attach(args.server_url)
         else:
             server = make_server(args, model, work_dir / "server")
-            print(f"starting vLLM for {model} (log: {server.log_path})", file=sys.stderr, flush=True)
+            log.info(f"starting vLLM for {model} (log: {server.log_path})")
             stack.callback(server.stop)
             server.start().wait_healthy(timeout=args.server_start_timeout)
         client = RolloutClient.for_server(server, max_concurrency=args.concurrency, timeout=args.request_timeout)
@@ -301,8 +305,8 @@ def run(args: argparse.Namespace) -> dict:
                     raise ValueError(f"{bench.name}: {len(too_long)} prompt(s) leave no room for a response within "
                                      f"max_model_len={max_len} (problem {too_long[0].index}: "
                                      f"{len(too_long[0].prompt_ids)} tokens)")
-            print(f"{bench.name}: {len(items)} problems, {metric_name(bench.k)}, T={bench.temperature:g}, "
-                  f"max_tokens={max_tokens}", file=sys.stderr, flush=True)
+            log.info(f"{bench.name}: {len(items)} problems, {metric_name(bench.k)}, T={bench.temperature:g}, "
+                     f"max_tokens={max_tokens}")
             summary, trajs, scores = generate_and_score(
                 client, items, scorer, k=bench.k, temperature=bench.temperature, top_p=bench.top_p,
                 max_tokens=max_tokens, seed=args.seed, progress=not args.no_progress, stop_token_ids=stop_ids)
@@ -329,6 +333,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    setup_logging()
     args = parse_args(argv)
     out = run(args)
     print(format_table(out["benchmarks"]))
@@ -338,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
         os.replace(tmp, path)
-        print(f"wrote {path}", file=sys.stderr)
+        log.info(f"wrote {path}")
     return out
 
 

@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from .log import on_terminal
 from .model import ModelConfig, ModelConfigError, unwrap
 
 REPLICATED, COLUMN, ROW, VOCAB, QKV, GATED_MLP = "replicated", "column", "row", "vocab", "qkv", "gated_mlp"
@@ -327,15 +328,6 @@ def _rank_slice(weights: HFWeights, row: Row, names: list[str], cfg: ModelConfig
     raise AssertionError(kind)
 
 
-def check_tp_heads(cfg: ModelConfig, tp: int) -> None:
-    """TP must divide the attention heads and the KV heads: megatron-core splits whole query
-    groups across TP ranks (it cannot replicate KV heads)."""
-    if cfg.num_attention_heads % tp:
-        raise ModelConfigError(f"tensor parallel size {tp} does not divide num_attention_heads={cfg.num_attention_heads}")
-    if cfg.num_kv_heads % tp:
-        raise ModelConfigError(f"tensor parallel size {tp} does not divide num_key_value_heads={cfg.num_kv_heads}")
-
-
 @torch.no_grad()
 def import_hf_weights(model_chunks: list, model_cfg: ModelConfig, hf_dir: str | Path, progress: bool = False) -> None:
     """Load an HF folder into this rank's chunks at the current TP/PP layout.
@@ -346,11 +338,11 @@ def import_hf_weights(model_chunks: list, model_cfg: ModelConfig, hf_dir: str | 
     from megatron.core import parallel_state as mpu
 
     tp, r = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
-    check_tp_heads(model_cfg, tp)
+    model_cfg.check_parallel(tp)
     params = _local_params(model_chunks, model_cfg)
     with HFWeights(hf_dir) as weights:
         weights.check(model_cfg)
-        if progress:
+        if progress and on_terminal():
             from tqdm import tqdm
 
             params = tqdm(params, desc="import", unit="tensor")

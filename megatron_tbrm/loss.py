@@ -186,23 +186,10 @@ def tbrm_loss_sums(
     return loss_sum, torch.tensor(b, dtype=torch.int, device=delta.device), metric_sums
 
 
-def tbrm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    rewards: torch.Tensor,
-    loss_mask: torch.Tensor,
-    beta: float,
-    vocab_size: int | None = None,
-    tp_group: ProcessGroup | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    v_offset: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over the batch of delta^2, and metrics (see `tbrm_loss_sums`, `metric_means`)."""
-    loss_sum, n, metric_sums = tbrm_loss_sums(
-        logits, labels, ref_logprobs, rewards, loss_mask, beta, vocab_size, tp_group, chunk_size,
-        v_offset,
-    )
+def tbrm_loss(*args, **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over the batch of delta^2, and metrics; same arguments as `tbrm_loss_sums` (see
+    `metric_means`)."""
+    loss_sum, n, metric_sums = tbrm_loss_sums(*args, **kwargs)
     return loss_sum / n, metric_means(metric_sums)
 
 
@@ -335,23 +322,7 @@ def grpo_loss_sums(
     return loss_sum, count.to(device=logprob.device, dtype=torch.int), metric_sums
 
 
-def grpo_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    rollout_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    loss_mask: torch.Tensor,
-    clip_eps: float = 0.2,
-    kl_coef: float = 0.0,
-    aggregation: str = "token_mean",
-    vocab_size: int | None = None,
-    tp_group: ProcessGroup | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO loss over this batch and its metrics (see `grpo_loss_sums`)."""
-    loss_sum, count, metric_sums = grpo_loss_sums(
-        logits, labels, rollout_logprobs, ref_logprobs, advantages, loss_mask, clip_eps, kl_coef,
-        aggregation, vocab_size, tp_group, chunk_size,
-    )
+def grpo_loss(*args, **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss over this batch and its metrics; same arguments as `grpo_loss_sums`."""
+    loss_sum, count, metric_sums = grpo_loss_sums(*args, **kwargs)
     return loss_sum / count, metric_means(metric_sums)

@@ -106,7 +106,11 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by * tp
         return -(-self.vocab_size // multiple) * multiple
 
-    def check_parallel(self, tp: int, pp: int, vpp: Optional[int] = None) -> None:
+    def check_parallel(self, tp: int, pp: int = 1, vpp: Optional[int] = None) -> None:
+        """Raises ModelConfigError when megatron-core cannot split this model over TP x PP (x VPP):
+        TP must divide the heads and the KV heads (megatron-core splits whole query groups; it
+        cannot replicate KV heads) and the FFN; the pipeline stages must divide the layers. The
+        one copy of this check (config validation and the converters call it too)."""
         if self.num_attention_heads % tp:
             raise ModelConfigError(f"tensor parallel size {tp} does not divide num_attention_heads={self.num_attention_heads}")
         if self.num_kv_heads % tp:  # megatron-core shards KV groups; it does not replicate them
@@ -115,7 +119,8 @@ class ModelConfig:
             raise ModelConfigError(f"tensor parallel size {tp} does not divide intermediate_size={self.ffn_hidden_size}")
         stages = pp * (vpp or 1)
         if self.num_layers % stages:
-            raise ModelConfigError(f"{stages} pipeline stages do not divide num_hidden_layers={self.num_layers}")
+            raise ModelConfigError(f"{stages} pipeline stages ({pp} x {vpp or 1} virtual) do not divide "
+                                   f"num_hidden_layers={self.num_layers}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import socket
+
+from megatron_tbrm.parallel import free_port
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -23,12 +25,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:

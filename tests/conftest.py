@@ -1,6 +1,6 @@
 """Shared test fixtures.
 
-`tiny_model_dir`: path to the default tiny Qwen2 chat model (megatron_tbrm/tiny.py), built
+`tiny_model_dir`: path to the default tiny Qwen2 chat model (megatron_tbrm/demo/tiny.py), built
 once and cached under <repo>/.cache/tiny_models/<family>-<key>, the key hashing the
 generator's parameters and version. Safe when several pytest processes start at once.
 `tiny_model_factory(**TinyModelSpec fields)`: the same for other variants (llama, tied, ...).
@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from megatron_tbrm.tiny import TinyModelSpec, cached_tiny_model
+from megatron_tbrm.demo.tiny import TinyModelSpec, cached_tiny_model
 
 # Tokenizers' thread pool and forked workers do not mix; tests never need it.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

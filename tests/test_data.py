@@ -8,9 +8,10 @@ import json
 import pytest
 
 from megatron_tbrm.config import ConfigError, load_config, validate
-from megatron_tbrm.data import (SYSTEM_PROMPT, MirroredSampler, PromptDataset, PromptSampler, arithmetic_problems,
-                                arithmetic_solution, load_eval_items, make_arithmetic_dataset,
-                                make_arithmetic_splits, read_rows, strip_dapo_instruction)
+from megatron_tbrm.data import (SYSTEM_PROMPT, MirroredSampler, PromptDataset, PromptSampler, load_eval_items, read_rows,
+                                strip_dapo_instruction)
+from megatron_tbrm.demo.arithmetic import (arithmetic_problems, arithmetic_solution, make_arithmetic_dataset,
+                                           make_arithmetic_splits)
 from megatron_tbrm.reward import math_reward
 
 
@@ -379,7 +380,7 @@ def _trainer_data_on_rank(rank, world_size, overrides, model_dir):
         t._load_data()
     except Exception as e:  # returned, not raised: the other rank's outcome is part of the test
         return {"error": f"{type(e).__name__}: {e}"}
-    return {"dataset": None if t.dataset is None else len(t.dataset), "sampler": type(t.sampler).__name__,
+    return {"dataset": None if t.data is None else len(t.data.dataset), "sampler": type(t.sampler).__name__,
             "state": t.sampler.state_dict(), "stats": t.data_stats,
             "eval": None if t.eval_items is None else [i.answer for i in t.eval_items]}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tbrm import demo
+from megatron_tbrm.demo import run as demo
 
 
 def test_verdict_follows_the_goal():
@@ -49,14 +49,14 @@ def test_summary_and_last_lines(tmp_path, monkeypatch, capsys):
 
 
 def test_failed_warm_start_stops_the_demo(tmp_path, monkeypatch, capsys):
-    import megatron_tbrm.tiny as tiny
+    import megatron_tbrm.demo.tiny as tiny
 
     monkeypatch.setattr(tiny, "write_tiny_model", lambda *a, **k: None)
     calls = []
 
     def fake_run(cmd, what, ok=(0,)):
         calls.append(what)
-        assert "megatron_tbrm.sft" in cmd and "--probe" in cmd and "--band" in cmd
+        assert "megatron_tbrm.demo.sft" in cmd and "--probe" in cmd and "--band" in cmd
         sft_json = Path(cmd[cmd.index("--metrics-out") + 1])
         sft_json.write_text(json.dumps({
             "probe": [{"step": 595, "greedy_exact": 0.05}, {"step": 600, "greedy_exact": 0.06}],

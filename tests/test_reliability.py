@@ -34,11 +34,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from megatron_tbrm.data import make_arithmetic_splits
+from megatron_tbrm.demo.arithmetic import make_arithmetic_splits
 from megatron_tbrm.checkpoint import complete_checkpoints
 from megatron_tbrm.rollout.server import VLLMServer
 
-from _dist import free_port
+from megatron_tbrm.parallel import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_tbrm.tiny import SYSTEM_PROMPT, TinyModelSpec, cached_tiny_model, write_tiny_model
+from megatron_tbrm.demo.tiny import SYSTEM_PROMPT, TinyModelSpec, cached_tiny_model, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tbrm.data import make_arithmetic_splits
+from megatron_tbrm.demo.arithmetic import make_arithmetic_splits
 
-from _dist import free_port
+from megatron_tbrm.parallel import free_port
 from _vllm import vllm_server
 
 REPO = Path(__file__).resolve().parents[1]

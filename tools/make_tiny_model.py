@@ -5,7 +5,7 @@
         [--layers 2 --hidden 128 --heads 4 --kv-heads 2 --ffn 256 --vocab-size 512]
         [--tie | --no-tie] [--max-position-embeddings 1024] [--rope-theta 10000]
 
-Deterministic: the same arguments give byte-identical files. See megatron_tbrm/tiny.py.
+Deterministic: the same arguments give byte-identical files. See megatron_tbrm/demo/tiny.py.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without an install
 
-from megatron_tbrm.tiny import TinyModelSpec, write_tiny_model  # noqa: E402
+from megatron_tbrm.demo.tiny import TinyModelSpec, write_tiny_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def validate(args: argparse.Namespace):
     """Everything that can be checked without megatron-core, on the launching process.
     Returns the ModelConfig."""
-    from megatron_tbrm.hf_mapping import HFWeights, check_tp_heads
+    from megatron_tbrm.hf_mapping import HFWeights
     from megatron_tbrm.model import ModelConfig, ModelConfigError
 
     cfg = ModelConfig.from_hf(args.hf_dir)
@@ -53,7 +53,6 @@ def validate(args: argparse.Namespace):
     if args.tp < 1 or args.pp < 1:
         raise ModelConfigError(f"--tp {args.tp} --pp {args.pp}: parallel sizes must be >= 1")
     cfg.check_parallel(args.tp, args.pp)
-    check_tp_heads(cfg, args.tp)
     with HFWeights(args.hf_dir) as weights:
         weights.check(cfg)
     out = Path(args.out)

@@ -66,7 +66,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def validate(args: argparse.Namespace):
     """(iter folder, ModelConfig), checked without megatron-core."""
-    from megatron_tbrm.hf_mapping import check_tp_heads
     from megatron_tbrm.model import ModelConfig, ModelConfigError
 
     ckpt = resolve_checkpoint(args.ckpt)
@@ -74,7 +73,6 @@ def validate(args: argparse.Namespace):
     if args.tp < 1 or args.pp < 1:
         raise ModelConfigError(f"--tp {args.tp} --pp {args.pp}: parallel sizes must be >= 1")
     cfg.check_parallel(args.tp, args.pp)
-    check_tp_heads(cfg, args.tp)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty")

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import requests
 from tqdm.auto import tqdm
 
+from megatron_tbrm.log import on_terminal
+
 from megatron_tbrm.rollout.server import RolloutServerError
 
 if TYPE_CHECKING:
@@ -177,7 +179,7 @@ class RolloutClient:
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, count)))
         ok = False
         try:
-            with tqdm(total=count, desc=desc, disable=not progress, leave=False) as bar:
+            with tqdm(total=count, desc=desc, disable=not (progress and on_terminal()), leave=False) as bar:
                 futures = {pool.submit(fn, i): i for i in range(count)}
                 pending = set(futures)
                 while pending:

@@ -32,6 +32,8 @@ from typing import Any
 import psutil
 import requests
 
+from megatron_tbrm.parallel import free_port
+
 WORKER_EXTENSION = "megatron_tbrm.rollout.worker_extension.WeightReceiver"
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])  # folder holding megatron_tbrm/
 _PR_SET_PDEATHSIG = 1
@@ -71,12 +73,6 @@ def port_in_use(host: str, port: int) -> bool:
                 return True
             raise
     return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _cli_args(extra: list[str] | dict[str, Any] | None) -> list[str]:

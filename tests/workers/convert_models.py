@@ -1,4 +1,4 @@
-"""Test models for the conversion tests: the tiny Qwen2 / Llama (megatron_tbrm.tiny) with a
+"""Test models for the conversion tests: the tiny Qwen2 / Llama (megatron_tbrm.demo.tiny) with a
 vocabulary of 300 (so Megatron pads it: 384 at TP=1, 512 at TP=2), 4 layers (PP=2 with two
 virtual stages), random norms and biases (the tiny model's are 1 and 0, which would hide a
 swapped or misplaced norm/bias), optionally split into several safetensors shards.

@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from ..parallel import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 # "Learned": the mean of the last three held-out evaluations is at least this much above the
 # accuracy before RL (absolute).
@@ -47,15 +49,7 @@ def verdict(before: float, mean_last3: float, goal: float = GOAL_GAIN) -> str:
 
 def torchrun(nproc: int, module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={_free_port()}", "-m", module, *args]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            f"--master-port={free_port()}", "-m", module, *args]
 
 
 def summarize(run_dir: Path, out: Path, t0: float, warm_start: dict | None = None) -> dict:
@@ -86,26 +80,10 @@ def summarize(run_dir: Path, out: Path, t0: float, warm_start: dict | None = Non
         summary["warm_start"] = warm_start
     summary["curves_png"] = str(out / "curves.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _plot(evals, rewards, out / "curves.png")
+    from ..compare_runs import load_runs, plot
+
+    plot(load_runs([run_dir]), out / "curves.png")  # held-out accuracy and reward vs steps and wall time
     return summary
-
-
-def _plot(evals, rewards, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].plot([s for s, _ in evals], [a for _, a in evals], marker="o")
-    ax[0].set(title="held-out accuracy (greedy)", xlabel="TBRM step", ylim=(0, 1))
-    ax[1].plot([s for s, _ in rewards], [r for _, r in rewards], alpha=0.8)
-    ax[1].set(title="train reward (n=1, T=1)", xlabel="TBRM step", ylim=(0, 1))
-    for a in ax:
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides for the TBRM recipe")
     a = ap.parse_args(argv)
 
-    from .data import make_arithmetic_dataset, make_arithmetic_splits
+    from .arithmetic import make_arithmetic_dataset, make_arithmetic_splits
     from .sft import DEMO_DATA, DEMO_MODEL_SPEC, DEMO_PROBE_EVERY, DEMO_PROBE_SIZE
     from .tiny import TinyModelSpec, write_tiny_model
 
@@ -152,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                "--decay-steps", str(a.sft_steps), "--seed", str(a.sft_seed), "--probe", str(probe), "--probe-every", str(DEMO_PROBE_EVERY),
                "--band", str(lo), str(hi), "--metrics-out", str(sft_json)]
         # A warm start outside its band exits 3 (torchrun reports it as 1) after writing sft.json.
-        rc = _run(torchrun(a.nproc, "megatron_tbrm.sft", *sft), "2/4 supervised warm start (Megatron, DP=2)",
+        rc = _run(torchrun(a.nproc, "megatron_tbrm.demo.sft", *sft), "2/4 supervised warm start (Megatron, DP=2)",
                   ok=(0, 1, WARM_START_FAILED))
         if rc != 0 and not sft_json.exists():
             raise SystemExit(f"[demo] 2/4 supervised warm start failed (exit {rc})")

@@ -4,8 +4,8 @@ The CPU demo's base model is random; TBRM needs a policy that is right sometimes
 often. This runs a short Megatron SFT on the synthetic arithmetic task and writes a complete
 Hugging Face folder (transformers and vLLM load it) for the RL run to start from:
 
-    python -m megatron_tbrm.sft --model HF_DIR --data train.jsonl --out OUT_HF_DIR
-    torchrun --nproc-per-node 2 -m megatron_tbrm.sft --tp 2 --model ... --data ... --out ...
+    python -m megatron_tbrm.demo.sft --model HF_DIR --data train.jsonl --out OUT_HF_DIR
+    torchrun --nproc-per-node 2 -m megatron_tbrm.demo.sft --tp 2 --model ... --data ... --out ...
 
 or in-process: `run_sft(model=..., data=..., out=...)`.
 
@@ -16,26 +16,8 @@ number (megatron-core's per-token-loss convention, so the mean is over every res
 of the global batch whatever TP/PP/DP and the micro-batch size). Adam, linear warmup, cosine
 decay to `min_lr_ratio * lr`.
 
-The demo's settings (the argparse defaults; DEMO_MODEL_SPEC and DEMO_DATA below):
-- model: TinyModelSpec(**DEMO_MODEL_SPEC) = 2 layers, hidden 256, 8 heads (head_dim 32),
-  4 KV heads, ffn 512, vocab 512 (1.4M parameters). The default spec (hidden 128) learns
-  the carry too slowly: 400 steps left it at 0.04 (t=1) / 0.09 (greedy).
-- data: make_arithmetic_splits(out, 4000, 200, **DEMO_DATA): 2-digit addition only. With
-  "+-" the same budget learns the format but almost no arithmetic.
-- steps 230 of a 300-step schedule (decay_steps), global batch 64, lr 2e-3 (10 warmup
-  steps, cosine towards 2e-4), seed 0. Ending the schedule at 230 instead lowers the LR
-  early and delays the transition below: 240 steps of a 240-step schedule gave only
-  0.055 (t=1) / 0.10 (greedy).
-- the demo's warm start (demo.py): a 600-step schedule (decay_steps 600, DEMO_SFT_STEPS) that
-  stops at the first held-out probe evaluation (400 problems disjoint from the training and
-  the RL eval sets, every 5 steps) inside DEMO_BAND; the transition comes at steps ~230-250,
-  far from the end of the schedule. Measured (2026-11-29, seed 0, 2 ranks): probe 0.000 until
-  step ~60, 0.02-0.04 over steps 60-230, then 0.037 / 0.065 / 0.102 at steps 230 / 235 / 240:
-  stopped at step 240 with 0.102, 220 s.
-Accuracy is a sharp function of the step count near the end (a phase transition around
-steps 200-280: greedy exact match on the training batches went 0.19 -> 0.42 -> 0.72 -> 0.91 at
-steps 200/220/250/300 of a 300-step schedule), so change steps by +-20, not more, to move
-the warm start within the "right sometimes, not often" band. Measured numbers: DEMO_RESULTS.
+The demo's settings are the defaults below; why they are what they are, and what they
+measured: docs/demo.md ("Warm start").
 """
 
 from __future__ import annotations
@@ -50,9 +32,14 @@ from typing import Callable, Optional
 
 import torch
 
-from .data import PromptDataset, PromptSampler, SYSTEM_PROMPT, arithmetic_solution, load_tokenizer
+from ..data import PromptDataset, PromptSampler, SYSTEM_PROMPT, load_tokenizer
+from ..log import get_logger, progress_bar, setup_logging
+from ..parallel import free_port
+from .arithmetic import arithmetic_solution
 
-# The demo's settings; see the module docstring.
+log = get_logger(__name__)
+
+# The demo's settings (docs/demo.md, "Warm start").
 DEFAULT_STEPS = 230
 DEFAULT_BATCH = 64
 DEFAULT_LR = 2e-3
@@ -70,18 +57,6 @@ DEMO_PROBE_SIZE = 400
 DEMO_PROBE_EVERY = 3
 DEMO_MODEL_SPEC = dict(layers=2, hidden=256, heads=8, kv_heads=4, ffn=512)  # TinyModelSpec(**...)
 DEMO_DATA = dict(digits=2, ops="+")  # make_arithmetic_splits(out, 4000, 200, **DEMO_DATA)
-
-DEMO_RESULTS = """
-Measured on the loaded 2-core dev box (load 3-20), 200 held-out problems, transformers generate,
-boxed exact match (t=1: 2 samples per problem):
-- these defaults via the CLI (2 threads): 230 steps in 264 s (loaded; ~1.5 cpu-s/step);
-  greedy 0.12, t=1 0.07. Below the wanted band: the run had not reached the transition yet.
-- the same settings in a 1-thread run: teacher-forced metrics on the training batches at
-  step 230 / 240 / 270: greedy 0.38 / 0.55 / 0.78, P(sample = solution) 0.28 / 0.36 / 0.56.
-  The transition's step depends on float reduction order (thread count), so it is not
-  reproducible to +-20 steps across machines: watch `match` in the progress bar (training-
-  batch greedy exact match) and stop where it reaches ~0.3-0.5.
-"""
 
 # Files of an HF folder that hold weights: never copied from the source, the exported
 # model.safetensors replaces them.
@@ -120,7 +95,7 @@ def make_loss_fn(vocab_size: int):
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
-    from .vocab_parallel import VocabShard, local_max, vocab_parallel_logprob
+    from ..vocab_parallel import VocabShard, local_max, vocab_parallel_logprob
 
     def loss_fn(mb, logits):
         mask = mb["loss_mask"].bool()
@@ -163,7 +138,7 @@ def write_hf_folder(engine, source: str | Path, out: str | Path) -> Optional[Pat
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from .hf_mapping import export_hf_weights
+    from ..hf_mapping import export_hf_weights
 
     weights = {name: t.detach().cpu().contiguous() for name, t in export_hf_weights(engine.chunks, engine.model_cfg)}
     path = None
@@ -189,20 +164,12 @@ def write_hf_folder(engine, source: str | Path, out: str | Path) -> Optional[Pat
 # Training
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def probe_accuracy(eng, rows: list[dict], loss_fn, ps, pad_id: int = 0) -> float:
     """Fraction of `rows` (build_examples rows of held-out problems) whose every response
     token is the model's argmax given the solution so far: exactly the problems on which
     greedy decoding writes the whole solution (answer and <|im_end|> included). One forward
     pass, no gradients; every DP rank scores its slice, every rank gets the global number."""
-    from .engine import pad_batch, allreduce_metric_sums
+    from ..engine import pad_batch, allreduce_metric_sums
 
     per = -(-len(rows) // ps.dp_size)
     mine = rows[ps.dp_rank * per:(ps.dp_rank + 1) * per]
@@ -248,16 +215,16 @@ def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = D
     """
     import torch.distributed as dist
 
-    from .engine import Engine, OptimSettings, pad_batch, allreduce_metric_sums, split_microbatches
-    from .hf_mapping import import_hf_weights
-    from .model import ModelConfig
-    from .parallel import destroy_distributed, init_distributed
+    from ..engine import Engine, OptimSettings, pad_batch, allreduce_metric_sums, split_microbatches
+    from ..hf_mapping import import_hf_weights
+    from ..model import ModelConfig
+    from ..parallel import destroy_distributed, init_distributed
 
     if steps < 1 or batch < 1 or lr <= 0:
         raise ValueError(f"steps={steps}, batch={batch}, lr={lr}: need steps >= 1, batch >= 1, lr > 0")
     owns_dist = not dist.is_initialized()
     if owns_dist and "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     ps = init_distributed(tp=tp, pp=pp, seed=seed)
     try:
         if batch % ps.dp_size:
@@ -300,11 +267,7 @@ def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = D
 
         # The same seeded order on every rank; each DP rank takes its slice of the batch.
         sampler = PromptSampler(list(range(len(examples))), batch_size=batch, seed=seed)
-        bar = None
-        if progress and ps.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc="sft", unit="step", dynamic_ncols=True)
+        bar = progress_bar(steps, "sft", enabled=progress and ps.rank == 0, unit="step")
         ces: list[float] = []
         matches: list[float] = []
         t0 = time.perf_counter()
@@ -321,14 +284,19 @@ def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = D
             if bar is not None:
                 bar.set_postfix(ce=f"{ces[-1]:.4f}", match=f"{match:.2f}", lr=f"{info['lr']:.2e}")
                 bar.update(1)
+            elif progress:
+                log.info(f"step {len(ces)}/{steps} ce={ces[-1]:.4f} match={match:.2f} lr={info['lr']:.2e}")
             # Every rank holds the same global metrics, so all stop at the same step.
             if stop_at_match is not None and len(matches) >= 3 and sum(matches[-3:]) / 3 >= stop_at_match:
                 break
             if probe_rows is not None and len(ces) % probe_every == 0:
                 acc = run_probe(len(ces))
+                msg = f"step {len(ces)}: held-out probe greedy exact match {acc:.3f}" + (
+                    f" (band [{band[0]:.2f}, {band[1]:.2f}])" if band else "")
                 if bar is not None:
-                    bar.write(f"sft step {len(ces)}: held-out probe greedy exact match {acc:.3f}"
-                              + (f" (band [{band[0]:.2f}, {band[1]:.2f}])" if band else ""))
+                    bar.write(f"sft {msg}")
+                elif progress:
+                    log.info(msg)
                 if band is not None and acc > band[1]:
                     status = "above_band"
                     break
@@ -382,6 +350,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="stop at the first probe inside [LO, HI]; exit 3 if the run ends outside it")
     ap.add_argument("--metrics-out", default=None, help="write the per-step CE and timings here as JSON (rank 0)")
     a = ap.parse_args(argv)
+    setup_logging()
     res = run_sft(a.model, a.data, a.out, steps=a.steps, batch=a.batch, lr=a.lr, tp=a.tp, pp=a.pp,
                   micro_batch_size=a.micro_batch_size, seed=a.seed, warmup_steps=a.warmup_steps,
                   min_lr_ratio=a.min_lr_ratio, decay_steps=a.decay_steps, progress=not a.no_progress,
@@ -390,15 +359,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         if a.metrics_out:
             Path(a.metrics_out).write_text(json.dumps(res, indent=1) + "\n")
-        print(f"sft: {res['steps']} steps in {res['seconds']:.1f} s, ce {res['ce_first']:.4f} -> {res['ce_last']:.4f}; "
-              f"wrote {a.out}", flush=True)
+        log.info(f"{res['steps']} steps in {res['seconds']:.1f} s, ce {res['ce_first']:.4f} -> {res['ce_last']:.4f}; "
+                 f"wrote {a.out}")
         if "probe_accuracy" in res:
-            print(f"sft: held-out probe greedy exact match {res['probe_accuracy']:.3f} "
-                  f"({res['probe_size']} problems) at step {res['steps']}", flush=True)
+            log.info(f"held-out probe greedy exact match {res['probe_accuracy']:.3f} "
+                     f"({res['probe_size']} problems) at step {res['steps']}")
         if res.get("band_status") not in (None, "in_band"):
             lo, hi = res["band"]
-            print(f"sft: WARM START FAILED: {res['band_status']}: probe {res['probe_accuracy']:.3f} is outside the band "
-                  f"[{lo:.2f}, {hi:.2f}] after {res['steps']} steps", flush=True)
+            log.error(f"WARM START FAILED: {res['band_status']}: probe {res['probe_accuracy']:.3f} is outside the band "
+                      f"[{lo:.2f}, {hi:.2f}] after {res['steps']} steps")
     if res.get("band_status") not in (None, "in_band"):
         raise SystemExit(3)
 
