@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -62,14 +61,17 @@ def test_overrides_reach_interpolations_and_keep_yaml12_floats():
     assert cfg.rollout.tensor_parallel_size == 1 and cfg.parallel.tp == 2
 
 
-def q(path: Path) -> str:
-    return re.escape(str(path))
-
-
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def error(recipe: Path, *overrides: str) -> str:
+    """The ConfigError message of loading `recipe` with `overrides`."""
+    with pytest.raises(ConfigError) as e:
+        load_config(recipe, list(overrides))
+    return str(e.value)
 
 
 def test_merge_order_and_lists(tmp_path):
@@ -84,45 +86,38 @@ def test_merge_order_and_lists(tmp_path):
 def test_unknown_key_in_a_child_names_the_closest_key_and_the_file(tmp_path):
     base = write(tmp_path / "base.yaml", "optim: {lr: 1e-4}\n")
     child = write(tmp_path / "child.yaml", "defaults: [base.yaml]\noptim:\n  warmup_step: 5\n")
-    with pytest.raises(ConfigError, match=rf"unknown config key 'optim.warmup_step' \(in {q(child)}\): "
-                                          r"did you mean 'optim.warmup_steps'\?"):
-        load_config(child)
-    with pytest.raises(ConfigError, match=r"unknown config key 'rollot' \(from the command line\): did you mean 'rollout'\?"):
-        load_config(base, ["rollot.n=2"])
+    assert error(child).startswith(f"unknown config key 'optim.warmup_step' (in {child}): "
+                                   "did you mean 'optim.warmup_steps'? allowed keys here: lr, ")
+    assert error(base, "rollot.n=2").startswith("unknown config key 'rollot' (from the command line): "
+                                                "did you mean 'rollout'?")
 
 
 def test_bad_value_names_the_key_and_the_file_that_set_it(tmp_path):
     base = write(tmp_path / "base.yaml", "train: {steps: many}\n")
     child = write(tmp_path / "child.yaml", "defaults: base.yaml\n")
-    with pytest.raises(ConfigError, match=rf"config key 'train.steps': got 'many', expected an integer \(in {q(base)}\)"):
-        load_config(child)
+    assert error(child) == f"config key 'train.steps': got 'many', expected an integer (in {base})"
     write(base, "parallel: {tp: 2}\nrollout: {tensor_parallel_size: '${model.path}'}\nmodel: {path: /m}\n")
-    with pytest.raises(ConfigError, match=rf"config key 'rollout.tensor_parallel_size': got '/m', expected an "
-                                          rf"integer \(from {q(base)}\)"):
-        load_config(child)
-    with pytest.raises(ConfigError, match=rf"config key 'rollout.tensor_parallel_size': cannot resolve .*'nope'"):
-        load_config(child, ["rollout.tensor_parallel_size=${nope}"])
+    assert error(child) == f"config key 'rollout.tensor_parallel_size': got '/m', expected an integer (from {base})"
+    assert error(child, "rollout.tensor_parallel_size=${nope}") == (
+        "config key 'rollout.tensor_parallel_size': cannot resolve its interpolation: "
+        "Interpolation key 'nope' not found (from the command line)")
 
 
 def test_missing_base_names_the_file(tmp_path):
     child = write(tmp_path / "child.yaml", "defaults: [base/nope.yaml]\n")
-    with pytest.raises(ConfigError, match=rf"config file {q(child)}: base recipe 'base/nope.yaml' in 'defaults' "
-                                          rf"not found: {q(tmp_path / 'base' / 'nope.yaml')}"):
-        load_config(child)
+    assert error(child) == (f"config file {child}: base recipe 'base/nope.yaml' in 'defaults' not found: "
+                            f"{tmp_path / 'base' / 'nope.yaml'}")
     write(child, "defaults: {a: 1}\n")
-    with pytest.raises(ConfigError, match=rf"config file {q(child)}: 'defaults' must be a recipe file or a list"):
-        load_config(child)
+    assert error(child).startswith(f"config file {child}: 'defaults' must be a recipe file or a list")
 
 
 def test_a_cycle_in_defaults_names_the_files(tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     write(a, "defaults: [b.yaml]\n")
     write(b, "defaults: [a.yaml]\n")
-    with pytest.raises(ConfigError, match=rf"recipe inheritance cycle in 'defaults': {q(a)} -> {q(b)} -> {q(a)}"):
-        load_config(a)
+    assert error(a) == f"recipe inheritance cycle in 'defaults': {a} -> {b} -> {a}"
     write(a, "defaults: [a.yaml]\n")
-    with pytest.raises(ConfigError, match=rf"cycle in 'defaults': {q(a)} -> {q(a)}"):
-        load_config(a)
+    assert error(a) == f"recipe inheritance cycle in 'defaults': {a} -> {a}"
     # the same base reached twice (a diamond) is not a cycle
     write(tmp_path / "base.yaml", "loss: {beta: 0.01}\n")
     write(a, "defaults: [base.yaml]\n")

@@ -19,24 +19,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from .args import DTYPE_CHOICES, check_layout_and_out, parser
 from .launch import is_worker
 
 # Only the standard library at module level: the processes dist_checkpointing spawns
 # re-import this module, and torch would cost them seconds.
 
-DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 _HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="megatron-tbrm-convert-hf-to-megatron", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="Hugging Face model folder (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="checkpoint root to create (must not exist or be empty)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    p = parser("megatron-tbrm-convert-hf-to-megatron", __doc__, "--hf-dir",
+               "Hugging Face model folder (config.json + safetensors)", "checkpoint root")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="parameter dtype of the checkpoint (default: the source's torch_dtype, else fp32)")
     return p.parse_args(argv)
@@ -46,18 +41,13 @@ def validate(args: argparse.Namespace):
     """Everything that can be checked without megatron-core, on the launching process.
     Returns the ModelConfig."""
     from megatron_tbrm.hf_mapping import HFWeights
-    from megatron_tbrm.model import ModelConfig, ModelConfigError
+    from megatron_tbrm.model import ModelConfig
 
     cfg = ModelConfig.from_hf(args.hf_dir)
     cfg.dtype = args.dtype or _HF_DTYPES.get(cfg.hf_config.get("torch_dtype") or cfg.hf_config.get("dtype"), "fp32")
-    if args.tp < 1 or args.pp < 1:
-        raise ModelConfigError(f"--tp {args.tp} --pp {args.pp}: parallel sizes must be >= 1")
-    cfg.check_parallel(args.tp, args.pp)
+    check_layout_and_out(args, cfg)
     with HFWeights(args.hf_dir) as weights:
         weights.check(cfg)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out} exists and is not empty")
     return cfg
 
 

@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .hf_to_megatron import DTYPE_CHOICES
+from .args import DTYPE_CHOICES, check_layout_and_out, parser
 from .launch import is_worker
 
 # Only the standard library at module level; torch is imported lazily (see hf_to_megatron.py).
@@ -40,12 +40,8 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="megatron-tbrm-convert-megatron-to-hf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint root (with `latest`) or an iter_N folder")
-    p.add_argument("--out", required=True, help="HF folder to create (must not exist or be empty)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size to load at")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size to load at")
+    p = parser("megatron-tbrm-convert-megatron-to-hf", __doc__, "--ckpt",
+               "checkpoint root (with `latest`) or an iter_N folder", "HF folder", " to load at")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"))
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="dtype of the written tensors (default: the checkpoint's parameter dtype)")
@@ -66,16 +62,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def validate(args: argparse.Namespace):
     """(iter folder, ModelConfig), checked without megatron-core."""
-    from megatron_tbrm.model import ModelConfig, ModelConfigError
+    from megatron_tbrm.model import ModelConfig
 
     ckpt = resolve_checkpoint(args.ckpt)
     cfg = ModelConfig.from_hf(ckpt / HF_CONFIG)  # the same allow-list as the import; errors name the file
-    if args.tp < 1 or args.pp < 1:
-        raise ModelConfigError(f"--tp {args.tp} --pp {args.pp}: parallel sizes must be >= 1")
-    cfg.check_parallel(args.tp, args.pp)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out} exists and is not empty")
+    check_layout_and_out(args, cfg)
     return ckpt, cfg
 
 
