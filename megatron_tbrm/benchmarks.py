@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from megatron_tbrm.data import _MISSING  # get_field's "no such field"
+from megatron_tbrm.data.rows import _MISSING  # get_field's "no such field"
 from megatron_tbrm.data import (SYSTEM_PROMPT, BadRow, PromptItem, get_field, load_tokenizer,
                                 read_rows, to_messages)
 from megatron_tbrm.reward import extract_boxed

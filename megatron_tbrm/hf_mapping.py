@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from .log import on_terminal
-from .model import ModelConfig, ModelConfigError, unwrap
+from .model import ModelConfig, unwrap
 
 REPLICATED, COLUMN, ROW, VOCAB, QKV, GATED_MLP = "replicated", "column", "row", "vocab", "qkv", "gated_mlp"
 

@@ -15,7 +15,6 @@ spawn every rank re-imports torch, ~2.5 CPU-seconds each, which dominated the te
 from __future__ import annotations
 
 import os
-import socket
 
 from megatron_tbrm.parallel import free_port
 import tempfile

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from megatron_tbrm.rollout import RolloutClient, RolloutServerError, Trajectory, VLLMServer
-from megatron_tbrm.rollout.server import group_members
+from megatron_tbrm.rollout.process import group_members
 
 from _vllm import DEFAULTS, vllm_server
 

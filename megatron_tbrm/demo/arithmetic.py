@@ -8,7 +8,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 PathLike = Union[str, Path]
 

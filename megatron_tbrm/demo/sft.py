@@ -9,7 +9,7 @@ Hugging Face folder (transformers and vLLM load it) for the RL run to start from
 
 or in-process: `run_sft(model=..., data=..., out=...)`.
 
-Each example is the prompt as the rollouts see it (data.py's chat template with the paper's
+Each example is the prompt as the rollouts see it (megatron_tbrm.data's chat template with the paper's
 system prompt, add_generation_prompt=True) followed by `arithmetic_solution(prompt)` and the
 EOS token (<|im_end|>); the loss is -sum of log pi over the response tokens divided by their
 number (megatron-core's per-token-loss convention, so the mean is over every response token

@@ -33,7 +33,7 @@ QWEN2_SPLIT_REGEX = (
 )
 
 # ChatML as Qwen2 renders it, without Qwen2's default system turn: a caller that wants a
-# system prompt passes one (data.py does), and one that does not gets none.
+# system prompt passes one (megatron_tbrm.data does), and one that does not gets none.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"

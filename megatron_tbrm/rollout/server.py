@@ -12,13 +12,10 @@ VLLM_SERVER_DEV_MODE=1 and wrapped here, since weight sync drives them.
 from __future__ import annotations
 
 import atexit
-import ctypes
-import errno
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,14 +26,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import psutil
 import requests
 
 from megatron_tbrm.parallel import free_port
+from megatron_tbrm.rollout.process import die_with_parent, group_alive, signal_group, port_in_use
 
 WORKER_EXTENSION = "megatron_tbrm.rollout.worker_extension.WeightReceiver"
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])  # folder holding megatron_tbrm/
-_PR_SET_PDEATHSIG = 1
 
 
 # A traceback's last line, "RuntimeError: ...", bare or as vLLM logs it at ERROR level
@@ -59,20 +55,6 @@ def first_exception(log_text: str) -> str | None:
 
 class RolloutServerError(RuntimeError):
     """The rollout server failed: did not start, died, or answered with an error."""
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """True when something already listens on (host, port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # SO_REUSEADDR as uvicorn sets it: a socket in TIME_WAIT does not count as in use.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            if e.errno in (errno.EADDRINUSE, errno.EACCES):
-                return True
-            raise
-    return False
 
 
 def _cli_args(extra: list[str] | dict[str, Any] | None) -> list[str]:
@@ -117,17 +99,6 @@ def cpu_scheduler_args(model: str | os.PathLike, max_model_len: int | None) -> l
         except (OSError, ValueError):
             max_model_len = None
     return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len or 0, 4096))]
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """preexec_fn: ask the kernel to SIGTERM the server when the owner dies, even by
-    SIGKILL. SIGTERM (not SIGKILL) lets vLLM's API server take its engine processes down.
-    Note: the kernel tracks the *thread* that forked, so start servers from a thread that
-    lives as long as the server (normally the main thread)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent_pid:  # owner died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # Servers this process owns, stopped on SIGTERM/SIGHUP and at exit.
@@ -296,7 +267,7 @@ class VLLMServer:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,  # own process group: stop() reaches vLLM's children
-            preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent),
+            preexec_fn=lambda parent=os.getpid(): die_with_parent(parent),
         )
         _LIVE.add(self)
         return self
@@ -348,7 +319,7 @@ class VLLMServer:
                 pgid = os.getpgid(proc.pid)
             except ProcessLookupError:
                 pgid = proc.pid  # leader gone; the group id is still its pid
-            _signal_group(pgid, signal.SIGTERM)
+            signal_group(pgid, signal.SIGTERM)
             try:
                 proc.wait(timeout=self.stop_grace_s)
             except subprocess.TimeoutExpired:
@@ -356,9 +327,9 @@ class VLLMServer:
             # The leader may exit before its children do, and SIGKILL'd leaders leave
             # orphans: wait for the group to empty, then SIGKILL what is left.
             deadline = time.monotonic() + self.stop_grace_s
-            while _group_alive(pgid) and time.monotonic() < deadline:
+            while group_alive(pgid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            _signal_group(pgid, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -366,7 +337,7 @@ class VLLMServer:
             # SIGKILL is delivered asynchronously (a loaded machine takes a while to tear
             # down a big process): return only once the group is empty.
             deadline = time.monotonic() + 10.0
-            while _group_alive(pgid) and time.monotonic() < deadline:
+            while group_alive(pgid) and time.monotonic() < deadline:
                 time.sleep(0.1)
         if self._log_file is not None:
             self._log_file.close()
@@ -448,26 +419,3 @@ class VLLMServer:
 
     def reset_prefix_cache(self) -> bool:
         return bool(self.post("/reset_prefix_cache")["success"])
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group `pgid`."""
-    members = []
-    for p in psutil.process_iter():
-        try:
-            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
-                members.append(p.pid)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return members
-
-
-def _group_alive(pgid: int) -> bool:
-    return bool(group_members(pgid))

@@ -1,34 +1,20 @@
-"""Prompt datasets (JSONL / Parquet), chat templating, a resumable sampler, and the synthetic
-arithmetic task of the CPU demo.
+"""Prompts as the rollouts see them: chat-templated with the paper's system prompt,
+tokenized, deduplicated, DAPO's instruction wrapper optionally stripped; evaluation sets with
+their own fields."""
 
-    ds = PromptDataset("dapo.parquet", tokenizer=model_dir, prompt_key="prompt",
-                       answer_key="reward_model.ground_truth", max_prompt_tokens=1024,
-                       strip_instruction=True)      # DAPO's "Answer:" wrapper off, raw problem
-    sampler = PromptSampler(ds, batch_size=128, seed=0)
-    for batch in sampler: ...                       # list[PromptItem], epochs roll over
-    ckpt["data"] = sampler.state_dict(); sampler.load_state_dict(ckpt["data"])
-
-Only the rank that samples (rank 0 in the trainer) loads a dataset; the others hold a
-`MirroredSampler`, which keeps the sampler state rank 0 sends with each step. Duplicate rows
-(same prompt and answer: the public DAPO-Math-17k parquet repeats each of its ~17.4 k
-prompts ~100 times) are dropped and counted before any templating or tokenisation.
-"""
 from __future__ import annotations
 
 import dataclasses
-import json
-import random
 import re
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional
+
+from .rows import _MISSING, BadRow, PathLike, _distinct_parquet_rows, get_field, read_rows
 
 # The paper's (Qwen2.5-Math's) system prompt.
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-
-PathLike = Union[str, Path]
-_MISSING = object()
 _TOKENIZE_CHUNK = 1024  # prompts templated and tokenized per call
 
 
@@ -38,156 +24,6 @@ class PromptItem:
     prompt: str  # chat-templated text, ending with the assistant generation prompt
     prompt_ids: list[int]
     answer: str  # reference answer for the reward
-
-
-class BadRow(ValueError):
-    pass
-
-
-# ---------------------------------------------------------------------------------------
-# Reading rows
-
-
-def read_rows(path: PathLike, keys: Optional[Sequence[str]] = None) -> Iterator[tuple[int, Union[dict, BadRow]]]:
-    """(row number, row dict or BadRow) for every row of a .jsonl/.json (one object per
-    line) or .parquet file. Bad rows are yielded, not raised, so the caller decides.
-
-    `keys` (dotted field names, as for `get_field`): a Parquet file then reads only the
-    columns they need; rows are streamed one record batch at a time, never the whole table.
-    Raises ValueError for an unknown file extension."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        columns = None
-        if keys is not None:
-            names = pf.schema_arrow.names
-            wanted = {k if k in names else k.split(".")[0] for k in keys}
-            columns = [c for c in names if c in wanted]  # a missing field is reported per row
-        i = 0
-        for batch in pf.iter_batches(batch_size=8192, columns=columns):
-            for row in batch.to_pylist():
-                yield i, row
-                i += 1
-    elif suffix in (".jsonl", ".json"):
-        with open(path, "rb") as f:
-            i = 0
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue  # blank lines (e.g. a trailing newline) are not rows
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                    if not isinstance(row, dict):
-                        raise BadRow(f"line {lineno}: expected a JSON object, got {type(row).__name__}")
-                except UnicodeDecodeError as e:
-                    row = BadRow(f"line {lineno}: not UTF-8 ({e.reason} at byte {e.start})")
-                except json.JSONDecodeError as e:
-                    row = BadRow(f"line {lineno}: invalid JSON ({e.msg})")
-                except BadRow as e:
-                    row = e
-                yield i, row
-                i += 1
-    else:
-        raise ValueError(f"{path}: unknown format {suffix!r}; allowed: .jsonl, .json, .parquet")
-
-
-def _arrow_field(batch: Any, key: str) -> Any:
-    """The Arrow array of a dotted field ("reward_model.ground_truth") in a record batch, as
-    get_field reads it from a row (a literal column name wins), or None if it is not there."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    names = batch.schema.names
-    if key in names:
-        return batch.column(names.index(key))
-    parts = key.split(".")
-    if parts[0] not in names:
-        return None
-    arr = batch.column(names.index(parts[0]))
-    for part in parts[1:]:
-        if not pa.types.is_struct(arr.type) or arr.type.get_field_index(part) < 0:
-            return None
-        arr = pc.struct_field(arr, part)
-    return arr
-
-
-def _arrow_key_text(arr: Any) -> Any:
-    """One string per row that is equal for equal values (null where the value is null or an
-    empty list), for a string/number column or a list of {role, content} messages; None for
-    any other type (the caller then compares Python rows instead)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    t = arr.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return arr
-    if pa.types.is_integer(t):
-        return pc.cast(arr, pa.string())
-    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type):
-        st = t.value_type
-        if st.get_field_index("role") < 0 or st.get_field_index("content") < 0:
-            return None
-        role, content = pc.struct_field(arr.values, "role"), pc.struct_field(arr.values, "content")
-        if not all(pa.types.is_string(x.type) or pa.types.is_large_string(x.type) for x in (role, content)):
-            return None
-        per_message = pc.binary_join_element_wise(role, content, "\x1f")  # null if either is null
-        empty = pc.or_(arr.is_null(), pc.equal(pc.list_value_length(arr), 0))
-        lists = type(arr).from_arrays(arr.offsets, per_message, mask=pc.fill_null(empty, True))
-        return pc.binary_join(lists, "\x1e")
-    return None
-
-
-def _distinct_parquet_rows(path: Path, prompt_key: str, answer_key: str,
-                           stats: "LoadStats") -> Iterator[tuple[int, dict]]:
-    """read_rows for a Parquet file, without the rows whose prompt and answer fields are equal
-    to an earlier row's: those are counted in `stats.duplicates` (and `stats.rows`) and never
-    become Python objects. Equality is decided in Arrow on the raw values; columns of other
-    types, and null or empty values, pass through for the caller to judge."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    wanted = {k if k in names else k.split(".")[0] for k in (prompt_key, answer_key)}
-    columns = [c for c in names if c in wanted]
-    seen: set[str] = set()
-    i = 0
-    for batch in pf.iter_batches(batch_size=8192, columns=columns):
-        parts = [_arrow_field(batch, k) for k in (prompt_key, answer_key)]
-        texts = [_arrow_key_text(a) if a is not None else None for a in parts]
-        if any(t is None for t in texts):
-            keys: list = [None] * batch.num_rows
-        else:
-            import pyarrow.compute as pc
-
-            keys = pc.binary_join_element_wise(texts[0], texts[1], "\x1d").to_pylist()
-        take = []
-        for j, key in enumerate(keys):
-            if key is None:
-                take.append(j)
-            elif key in seen:
-                stats.duplicates += 1
-                stats.rows += 1
-            else:
-                seen.add(key)
-                take.append(j)
-        for j, row in zip(take, batch.take(pa.array(take, type=pa.int64())).to_pylist()):
-            yield i + j, row
-        i += batch.num_rows
-
-
-def get_field(row: dict, key: str) -> Any:
-    """row["a"]["b"] for key "a.b"; a literal key containing dots wins if present."""
-    if key in row:
-        return row[key]
-    cur: Any = row
-    for part in key.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return _MISSING
-        cur = cur[part]
-    return cur
 
 
 def to_messages(prompt: Any, system_prompt: Optional[str]) -> list[dict]:
@@ -387,98 +223,6 @@ def _reason(msg: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Sampler
-
-
-class PromptSampler:
-    """Endless (or `num_epochs`-long) stream of fixed-size batches over a dataset, reshuffled
-    every epoch from (seed, epoch); a batch that reaches the end of an epoch continues into
-    the next, so no prompt is dropped. `state_dict()` after a batch + `load_state_dict()`
-    resumes with exactly the batches that would have followed."""
-
-    def __init__(self, dataset: Sequence[PromptItem], batch_size: int, seed: int = 0,
-                 shuffle: bool = True, num_epochs: Optional[int] = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        if len(dataset) == 0:
-            raise ValueError("PromptSampler: the dataset is empty")
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.shuffle, self.num_epochs = shuffle, num_epochs
-        self.epoch, self.index = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        order = list(range(len(self.dataset)))
-        if self.shuffle:
-            # String seeds hash with SHA-512: stable across Python versions and processes.
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return order
-
-    def __iter__(self) -> Iterator[list[PromptItem]]:
-        while True:
-            try:
-                yield self.next_batch()
-            except StopIteration:
-                return
-
-    def next_batch(self) -> list[PromptItem]:
-        if self.num_epochs is not None and self.epoch >= self.num_epochs:
-            raise StopIteration
-        batch = []
-        while len(batch) < self.batch_size:
-            if self.num_epochs is not None and self.epoch >= self.num_epochs:
-                break  # the last batch of the last epoch may be short
-            batch.append(self.dataset[self._order[self.index]])
-            self.index += 1
-            if self.index == len(self._order):
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
-                "size": len(self.dataset), "shuffle": self.shuffle}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["size"] != len(self.dataset):
-            raise ValueError(f"sampler state is for a dataset of {state['size']} prompts, "
-                             f"this one has {len(self.dataset)} (same file and data.* settings? data.dedupe "
-                             f"and data.strip_instruction change the count)")
-        if not 0 <= state["index"] < state["size"]:
-            raise ValueError(f"sampler state index={state['index']} out of range [0, {state['size']})")
-        self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
-        self.shuffle = state.get("shuffle", self.shuffle)
-        self._order = self._permutation(self.epoch)
-
-
-class MirroredSampler:
-    """What a rank that does not sample holds in a sampler's place: the sampling rank's
-    sampler state as last received (`load_state_dict`, every step in the trainer), so any
-    rank reports rank 0's position. It has no dataset and draws no batch."""
-
-    def __init__(self, state: Optional[dict] = None) -> None:
-        self._state: Optional[dict] = None
-        if state is not None:
-            self.load_state_dict(state)
-
-    def load_state_dict(self, state: dict) -> None:
-        """Raises ValueError if `state` is not a PromptSampler.state_dict()."""
-        need = {"epoch", "index", "seed", "size"}
-        if not isinstance(state, dict) or not need <= set(state):
-            raise ValueError(f"MirroredSampler: expected a PromptSampler state with keys {sorted(need)}, got {state!r}")
-        self._state = dict(state)
-
-    def state_dict(self) -> dict:
-        """Raises RuntimeError before any state was received."""
-        if self._state is None:
-            raise RuntimeError("MirroredSampler: no sampler state received from the sampling rank yet")
-        return dict(self._state)
-
-    def next_batch(self) -> list[PromptItem]:
-        raise RuntimeError("MirroredSampler: only the sampling rank (rank 0) draws batches; this rank receives them")
-
-
-# ---------------------------------------------------------------------------------------
 # Checking a file's fields up front, evaluation sets
 
 
@@ -508,7 +252,7 @@ def resolve_eval_fields(path: PathLike, prompt_key: Optional[str] = None,
     (benchmarks.PROMPT_KEYS / ANSWER_KEYS: problem/answer for MATH500, DAPO's prompt and
     reward_model.ground_truth, ...). Raises ValueError naming the file, the keys and the row's
     fields."""
-    from .benchmarks import ANSWER_KEYS, PROMPT_KEYS, detect_key
+    from ..benchmarks import ANSWER_KEYS, PROMPT_KEYS, detect_key
 
     row: Any = None
     for _, r in read_rows(path):
@@ -539,7 +283,7 @@ def load_eval_items(path: PathLike, tokenizer: Any, prompt_key: Optional[str] = 
     """An evaluation set (MATH500-style problem/answer, AIME, DAPO rows, ...) read with its own
     fields (`resolve_eval_fields`) and the benchmark loader's answer normalisation, templated
     like the training prompts. Raises ValueError naming the file on any unusable row."""
-    from .benchmarks import get_benchmark, load_benchmark
+    from ..benchmarks import get_benchmark, load_benchmark
 
     prompt_key, answer_key = resolve_eval_fields(path, prompt_key, answer_key)
     bench = get_benchmark(str(path)).with_overrides(prompt_key=prompt_key, answer_key=answer_key)
@@ -548,40 +292,3 @@ def load_eval_items(path: PathLike, tokenizer: Any, prompt_key: Optional[str] = 
 
 # ---------------------------------------------------------------------------------------
 # The synthetic arithmetic task
-
-
-@dataclasses.dataclass
-class TrainingData:
-    """What rank 0 loads for a training run: the prompts, their sampler, the evaluation items
-    (None without evaluation) and the load counts (floats, logged every step)."""
-
-    dataset: "PromptDataset"
-    sampler: "PromptSampler"
-    eval_items: Optional[list]
-    stats: dict
-
-
-def load_training_data(cfg, tokenizer: Any) -> TrainingData:
-    """The `data` and `eval` sections of a Config -> TrainingData (rank 0 only in the trainer).
-    Evaluation prompts longer than data.max_prompt_tokens are skipped with a warning."""
-    from .log import get_logger
-
-    log = get_logger(__name__)
-    d, e = cfg.data, cfg.eval
-    dataset = PromptDataset(d.train_path, tokenizer, d.prompt_key, d.answer_key, d.system_prompt, d.max_prompt_tokens,
-                            d.strict, strip_instruction=d.strip_instruction, dedupe=d.dedupe)
-    sampler = PromptSampler(dataset, cfg.train.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
-    eval_items = None
-    if e.every and (e.path or d.eval_path):
-        items = load_eval_items(e.path or d.eval_path, tokenizer, e.prompt_key, e.answer_key, d.system_prompt)
-        fit = [it for it in items if len(it.prompt_ids) <= d.max_prompt_tokens]
-        if len(fit) < len(items):
-            log.warning(f"eval: skipped {len(items) - len(fit)} prompts longer than "
-                        f"data.max_prompt_tokens={d.max_prompt_tokens}")
-        eval_items = fit[: e.max_problems]
-    st = dataset.stats
-    log.info(f"data: {st.rows} rows -> {len(dataset)} prompts ({st.duplicates} duplicates dropped, {st.bad} bad rows, "
-             f"{st.too_long} too long, {st.instruction_stripped} instructions stripped)")
-    stats = {"data_rows": float(st.rows), "data_rows_skipped": float(st.bad), "data_rows_duplicate": float(st.duplicates),
-             "data_prompts_too_long": float(st.too_long), "data_prompts": float(len(dataset))}
-    return TrainingData(dataset, sampler, eval_items, stats)
