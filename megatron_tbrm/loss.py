@@ -154,22 +154,12 @@ def tbrm_residuals(*args, **kwargs) -> torch.Tensor:
 
 
 def tbrm_loss_sums(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    rewards: torch.Tensor,
-    loss_mask: torch.Tensor,
-    beta: float,
-    vocab_size: int | None = None,
-    tp_group: ProcessGroup | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    v_offset: float = 0.0,
+    logits: torch.Tensor, labels: torch.Tensor, ref_logprobs: torch.Tensor, rewards: torch.Tensor,
+    loss_mask: torch.Tensor, beta: float, **kw,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(sum of delta^2, number of trajectories, metric [sum, count] pairs) for a forward_step."""
-    t = tbrm_terms(
-        logits, labels, ref_logprobs, rewards, loss_mask, beta, vocab_size, tp_group, chunk_size,
-        v_offset,
-    )
+    """(sum of delta^2, number of trajectories, metric [sum, count] pairs) for a forward_step.
+    Arguments as `tbrm_terms` (`kw`: vocab_size, tp_group, chunk_size, v_offset)."""
+    t = tbrm_terms(logits, labels, ref_logprobs, rewards, loss_mask, beta, **kw)
     b = t.delta.shape[0]
     delta, success = t.delta.detach(), rewards > 0
     loss_sum = t.delta.square().sum()
