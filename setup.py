@@ -56,5 +56,6 @@ setup(
         "megatron-tbrm-convert-hf-to-megatron=megatron_tbrm.convert.hf_to_megatron:cli",
         "megatron-tbrm-convert-megatron-to-hf=megatron_tbrm.convert.megatron_to_hf:cli",
         "megatron-tbrm-compare-runs=megatron_tbrm.compare_runs:cli",
+        "megatron-tbrm-plan=megatron_tbrm.cli:plan",
     ]},
 )

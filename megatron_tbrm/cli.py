@@ -28,3 +28,10 @@ def evaluate() -> int:
     from .eval import main
 
     return run(main, FileNotFoundError, KeyError, ValueError)
+
+
+def plan() -> int:
+    """megatron-tbrm-plan (megatron_tbrm/plan.py): exits 2 itself when the layout does not fit."""
+    from .plan import main
+
+    return run(main, FileNotFoundError, ValueError)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["megatron-tbrm-train", "tbrm-train", "megatron-tbrm-eval", "megatron-tbrm-convert-hf-to-megatron",
-           "megatron-tbrm-convert-megatron-to-hf", "megatron-tbrm-compare-runs"]
+           "megatron-tbrm-convert-megatron-to-hf", "megatron-tbrm-compare-runs", "megatron-tbrm-plan"]
 
 
 def _env() -> dict[str, str]:

@@ -1,0 +1,425 @@
+"""Memory plan: what a recipe puts on each GPU, as ESTIMATES from published formulas.
+
+    python -m megatron_tbrm.plan --config recipes/X.yaml [--gpus-per-node 8 --nodes 1 --gpu-memory-gb 80]
+                                 [--hf-config FILE_OR_DIR] [key.sub=value ...]
+
+The recipe is read by the trainer's own loader (config.load_config, overrides included); the
+model's shape comes from its HF config.json (model.path, or --hf-config). Nothing is allocated
+and no GPU is needed. Exit 0 when every GPU fits, 2 when one does not (the message names the
+knob to change and, where a single change fits, its value), 1 for a missing or bad file.
+
+Formulas (GB = 10^9 bytes; P = this rank's parameters; t = parallel.tp, p = parallel.pp,
+d = data-parallel size x parallel.cp, s = data.max_prompt_tokens + rollout.max_tokens (the
+longest row) / parallel.cp, b = train.micro_batch_size, h / a / f / L / V' = hidden, heads,
+FFN width, layers, Megatron's padded vocabulary):
+
+- weights, gradients, optimizer: Megatron's distributed-optimizer accounting (megatron-core
+  docs, "Distributed Optimizer": 6 + 12/d bytes per parameter for bf16 with fp32 gradients):
+  bf16 weights 2P, fp32 main gradients 4P (the trainer's DDP sets grad_reduce_in_fp32), Adam's
+  fp32 master weights + 2 moments 12P / d (fp32 models: no master copy, 8P / d; without
+  parallel.distributed_optimizer: not divided by d).
+- activations, per layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation
+  Recomputation in Large Transformer Models", eq. 1-2 and Table 2; 16-bit activations):
+  s*b*h*(34 + 5*a*s/h), of which 10*s*b*h (layer-norm inputs, dropout masks, the inputs of the
+  column-parallel linears) is split over TP only with sequence parallelism and the rest always;
+  selective recompute drops the 5*a*s/h term (core attention); full recompute keeps only each
+  layer's input, 2*s*b*h (/ t with sequence parallelism), plus one layer's working set while it
+  is recomputed. One change to the published constant, for this model family: its 19*s*b*h MLP
+  term is for a 4h GeLU MLP (2 + 8 + 8 + 1); a gated (SwiGLU) MLP of width f keeps its fc1 output
+  (4f bytes per token) and fc2 input (2f), so 16 becomes 6f/h (31.7 instead of 16 for
+  Qwen2.5-7B). The attention terms stay the published multi-head ones (GQA keeps less: the
+  estimate is high there). With 1F1B, pipeline stage k holds min(p - k, micro-batches) micro-
+  batches in flight; interleaving multiplies by 1 + (p - 1) / (p * vpp) (same paper, sec. 4.2.3).
+- logits shard: b*s*V'/t elements kept for backward plus their gradient, each in the model
+  dtype (4 bytes per element in bf16, as one fp32 copy), plus vocab_parallel.py's fp32 chunk
+  temporary, min(512, b*s)*V'/t*4 bytes (last pipeline stage only).
+- reference model: its weights, on the GPU all the time unless train.ref_offload (then only
+  during the reference forward, which keeps no activations: one layer's and its logits).
+- vLLM: colocated on the GPUs it runs on, it takes rollout.gpu_memory_utilization x GPU memory
+  in all (or its weights + rollout.kv_cache_bytes), held through the update (no sleep mode).
+  Its weights are P_hf / rollout.tensor_parallel_size in its dtype; the KV cache is the rest
+  less VLLM_RUNTIME_GB, at 2 * L * kv_heads * head_dim * bytes per token (/ its TP).
+- a fixed RESERVE_GB per trainer GPU for the CUDA context, NCCL buffers and allocator slack
+  (an assumption, --reserve-gb).
+
+Where things run (today's trainer): trainer rank r on node r // G, GPU r % G (G GPUs per
+node), ranks ordered TP fastest, then CP, DP, PP; trainer rank 0 starts one vLLM server,
+which takes the first rollout.tensor_parallel_size GPUs of node 0 (none with
+rollout.server_url: vLLM then runs elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+GB = 1e9
+RESERVE_GB = 3.0  # per trainer GPU: CUDA context, NCCL buffers, allocator fragmentation (assumed)
+VLLM_RUNTIME_GB = 2.0  # inside vLLM's budget: its profiled activation peak and CUDA graphs (assumed)
+LOGITS_CHUNK = 512  # vocab_parallel.DEFAULT_CHUNK_SIZE (not imported: that module imports torch)
+BYTES = {"fp32": 4, "float32": 4, "float": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2}
+
+
+class PlanError(ValueError):
+    """The plan cannot be made (a layout the trainer or vLLM refuses)."""
+
+
+@dataclass
+class Layout:
+    gpus_per_node: int = 8
+    nodes: int = 1
+    gpu_memory_gb: float = 80.0
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+# ------------------------------------------------------------------------------ formulas
+
+
+def layer_params(m, tp: int) -> float:
+    """One transformer layer's parameters on one TP rank (norms replicated, the rest split)."""
+    h, d = m.hidden_size, m.kv_channels
+    qkv_out = (m.num_attention_heads + 2 * m.num_kv_heads) * d
+    split = h * qkv_out + (qkv_out if m.qkv_bias else 0) + m.num_attention_heads * d * h + 3 * h * m.ffn_hidden_size
+    return split / tp + 2 * h
+
+
+def stage_params(m, tp: int, pp: int, stage: int) -> float:
+    """Parameters on one rank of pipeline stage `stage`: its layers, the embedding on the first
+    stage, the final norm and output layer on the last (a tied embedding is copied there when
+    pp > 1, as megatron-core does)."""
+    params = m.num_layers // pp * layer_params(m, tp)
+    vocab = m.padded_vocab_size(tp) * m.hidden_size / tp
+    if stage == 0:
+        params += vocab
+    if stage == pp - 1:
+        params += m.hidden_size + (vocab if (not m.tie_word_embeddings or pp > 1) else 0)
+    return params
+
+
+def hf_params(m) -> float:
+    """The whole model's parameters as vLLM loads them (true vocabulary)."""
+    embed = m.vocab_size * m.hidden_size
+    return m.num_layers * layer_params(m, 1) + m.hidden_size + embed * (1 if m.tie_word_embeddings else 2)
+
+
+def layer_activation_bytes(s: int, b: int, h: int, a: int, f: int, tp: int, sp: bool, recompute: str,
+                           dtype_bytes: int = 2, gated: bool = True) -> float:
+    """Activation bytes one layer keeps for backward, one micro-batch (Korthikanti et al. 2022;
+    the MLP term generalised to width f, see the module docstring). `recompute`: none,
+    selective or full (full: the layer input only; the recompute working set is not here)."""
+    scale = dtype_bytes / 2  # the paper counts 16-bit activations
+    replicated = 10 / (tp if sp else 1)  # layer-norm inputs, dropout masks, column-linear inputs
+    if recompute == "full":
+        return s * b * h * 2 / (tp if sp else 1) * scale
+    mlp = 6 * f / h if gated else 4 * f / h  # gated: fc1 output 4f + fc2 input 2f bytes / token
+    split = (8 + mlp) / tp  # Q, K, V, attention-proj input + the MLP's inner activations
+    attention = 0.0 if recompute == "selective" else 5 * a * s / (h * tp)  # softmax, its dropout
+    return s * b * h * (replicated + split + attention) * scale
+
+
+def kv_bytes_per_token(m, dtype_bytes: int) -> float:
+    """vLLM's KV cache for one token, the whole model: K and V per layer per KV head."""
+    return 2 * m.num_layers * m.num_kv_heads * m.kv_channels * dtype_bytes
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+@dataclass
+class Group:
+    """GPUs with the same contents: a pipeline stage, with or without vLLM."""
+    stage: int
+    vllm: bool
+    gpus: list = field(default_factory=list)  # (node, local gpu)
+    rows: dict = field(default_factory=dict)  # component -> bytes
+    phases: dict = field(default_factory=dict)  # phase -> bytes (trainer only)
+
+    @property
+    def total(self) -> float:
+        return max(self.phases.values()) + self.rows.get("vllm", 0.0)
+
+    def label(self) -> str:
+        by_node: dict = {}
+        for node, gpu in self.gpus:
+            by_node.setdefault(node, []).append(gpu)
+        if len(by_node) == 1 and 0 in by_node:
+            return _span(by_node[0])
+        parts = [f"n{node}:{_span(g)}" for node, g in sorted(by_node.items())]
+        return ",".join(parts) if len(parts) <= 2 else f"{parts[0]},...,{parts[-1]}"
+
+
+def _span(ids: list) -> str:
+    return str(ids[0]) if len(ids) == 1 else f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) \
+        else "+".join(map(str, ids))
+
+
+@dataclass
+class Plan:
+    groups: list
+    layout: Layout
+    problems: list  # (knob, message): a layout vLLM or the trainer cannot run at all
+    info: dict
+
+    @property
+    def worst(self) -> Group:
+        return max(self.groups, key=lambda g: g.total)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems and self.worst.total <= self.layout.gpu_memory_gb * GB
+
+
+def model_shape(cfg, hf_config: Optional[str] = None):
+    """ModelConfig of the recipe's model (model.path or hf_config), with the recipe's padding."""
+    from .model import ModelConfig, ModelConfigError
+
+    source = hf_config or cfg.model.path
+    if not source:
+        raise PlanError("config key 'model.path' is empty: give the model's config.json with --hf-config")
+    try:
+        return ModelConfig.from_hf(source, make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+                                   dtype=cfg.model.dtype)
+    except ModelConfigError as e:
+        where = "--hf-config" if hf_config else "config key 'model.path' (or give the shape with --hf-config)"
+        raise PlanError(f"{where}: {e}") from None
+
+
+def make_plan(cfg, m, layout: Layout, reserve_gb: float = RESERVE_GB) -> Plan:
+    from .model import ModelConfigError
+
+    par, r, tr = cfg.parallel, cfg.rollout, cfg.train
+    tp, pp, cp = par.tp, par.pp, par.cp
+    if layout.world % (tp * pp * cp):
+        raise PlanError(f"config keys 'parallel.tp' x 'parallel.pp' x 'parallel.cp' = {tp * pp * cp} do not divide "
+                        f"the {layout.world} GPUs ({layout.nodes} nodes x {layout.gpus_per_node})")
+    try:
+        m.check_parallel(tp, pp, par.vpp)
+    except ModelConfigError as e:
+        raise PlanError(f"config key '{'parallel.pp' if 'pipeline' in str(e) else 'parallel.tp'}': {e}") from None
+    dp = layout.world // (tp * pp * cp)
+    wbytes = BYTES[cfg.model.dtype]
+    seq = cfg.data.max_prompt_tokens + r.max_tokens
+    s, b = -(-seq // cp), tr.micro_batch_size
+    n_mb = max(1, tr.prompts_per_step * r.n // (dp * b))
+    vocab_local = m.padded_vocab_size(tp) / tp
+    act = dict(s=s, b=b, h=m.hidden_size, a=m.num_attention_heads, f=m.ffn_hidden_size, tp=tp,
+               sp=par.sequence_parallel, dtype_bytes=wbytes)
+    one_layer = layer_activation_bytes(recompute="none", **act)  # the working set of one layer
+    per_layer = layer_activation_bytes(recompute=cfg.model.recompute, **act)
+    logits_elems = b * s * vocab_local
+    chunk_tmp = min(LOGITS_CHUNK, b * s) * vocab_local * 4
+    shard = (dp * cp) if par.distributed_optimizer else 1
+    info = dict(dp=dp, seq=seq, n_mb=n_mb, params=hf_params(m), vocab_padded=m.padded_vocab_size(tp))
+
+    problems: list = []
+    vllm_gpus: set = set()
+    vllm_rows: dict = {}
+    if not r.server_url:
+        rtp = r.tensor_parallel_size
+        vbytes = BYTES.get(str(r.dtype or cfg.model.dtype), wbytes)
+        if rtp > layout.gpus_per_node:
+            problems.append(("rollout.tensor_parallel_size", f"vLLM's tensor_parallel_size {rtp} exceeds the "
+                             f"{layout.gpus_per_node} GPUs of a node (one server, started on node 0)"))
+        for what, n in (("num_attention_heads", m.num_attention_heads), ("num_key_value_heads", m.num_kv_heads)):
+            if n % rtp and not (what == "num_key_value_heads" and rtp % n == 0):  # vLLM replicates KV heads
+                problems.append(("rollout.tensor_parallel_size", f"vLLM's tensor_parallel_size {rtp} does not "
+                                 f"divide {what}={n}"))
+        vllm_gpus = {(0, g) for g in range(min(rtp, layout.gpus_per_node))}
+        weights = info["params"] / rtp * vbytes
+        budget = (weights + r.kv_cache_bytes + VLLM_RUNTIME_GB * GB if r.kv_cache_bytes
+                  else r.gpu_memory_utilization * layout.gpu_memory_gb * GB)
+        kv = budget - weights - VLLM_RUNTIME_GB * GB
+        kv_token = kv_bytes_per_token(m, vbytes) / min(rtp, m.num_kv_heads)
+        info.update(vllm_kv_tokens=max(kv, 0) / kv_token, vllm_budget=budget)
+        vllm_rows = {"vllm weights": weights, "vllm kv cache": max(kv, 0.0), "vllm": budget}
+        if kv < r.max_model_len * kv_token:
+            knob = "rollout.kv_cache_bytes" if r.kv_cache_bytes else "rollout.gpu_memory_utilization"
+            problems.append((knob, f"vLLM's budget ({budget / GB:.1f} GB per GPU: weights {weights / GB:.1f} GB + "
+                             f"{VLLM_RUNTIME_GB:.0f} GB runtime) leaves KV cache for {max(kv, 0) / kv_token:.0f} "
+                             f"tokens, fewer than rollout.max_model_len={r.max_model_len}: vLLM refuses to start"))
+
+    groups: dict = {}
+    for rank in range(layout.world):
+        gpu = (rank // layout.gpus_per_node, rank % layout.gpus_per_node)
+        stage = rank // (tp * cp * dp)
+        groups.setdefault((stage, gpu in vllm_gpus), Group(stage, gpu in vllm_gpus)).gpus.append(gpu)
+    for g in groups.values():
+        params = stage_params(m, tp, pp, g.stage)
+        in_flight = min(pp - g.stage, n_mb) * ((1 + (pp - 1) / (pp * par.vpp)) if par.vpp else 1)
+        acts = m.num_layers // pp * per_layer * in_flight + (one_layer if cfg.model.recompute == "full" else 0)
+        last = g.stage == pp - 1
+        g.rows = {
+            "weights": params * wbytes,
+            "gradients": params * 4,
+            "optimizer": params * (12 if wbytes < 4 else 8) / shard,
+            "activations": acts,
+            "logits": (2 * logits_elems * wbytes + chunk_tmp) if last else 0.0,
+            "reference": 0.0 if tr.ref_offload else params * wbytes,
+            "reserve": reserve_gb * GB,
+        }
+        if g.vllm:
+            g.rows.update(vllm_rows)
+        static = sum(g.rows[k] for k in ("weights", "gradients", "optimizer", "reserve"))
+        ref_forward = one_layer + ((logits_elems * wbytes + chunk_tmp) if last else 0.0)
+        g.phases = {"update": static + acts + g.rows["logits"] + g.rows["reference"],
+                    "reference forward": static + params * wbytes + ref_forward}
+    return Plan(sorted(groups.values(), key=lambda g: (not g.vllm, g.stage)), layout, problems, info)
+
+
+# ------------------------------------------------------------------------ what to change
+
+
+def _candidates(cfg, m, layout: Layout):
+    """Single-knob changes, cheapest first: (knob, value, apply(cfg))."""
+    mbs = cfg.train.micro_batch_size
+    for v in sorted((d for d in range(1, mbs) if mbs % d == 0), reverse=True):
+        yield "train.micro_batch_size", v, lambda c, v=v: setattr(c.train, "micro_batch_size", v)
+    if cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
+        yield "parallel.sequence_parallel", "true", lambda c: setattr(c.parallel, "sequence_parallel", True)
+    for v in {"none": ["selective", "full"], "selective": ["full"]}.get(cfg.model.recompute, []):
+        yield "model.recompute", v, lambda c, v=v: setattr(c.model, "recompute", v)
+    if not cfg.train.ref_offload:
+        yield "train.ref_offload", "true", lambda c: setattr(c.train, "ref_offload", True)
+    u = cfg.rollout.gpu_memory_utilization
+    for i in range(1, 20):
+        v = round(u - 0.05 * i, 2)
+        if v <= 0:
+            break
+        yield "rollout.gpu_memory_utilization", v, lambda c, v=v: setattr(c.rollout, "gpu_memory_utilization", v)
+    tp = cfg.parallel.tp * 2
+    while tp <= layout.world:
+        yield "parallel.tp", tp, lambda c, tp=tp: setattr(c.parallel, "tp", tp)
+        tp *= 2
+
+
+def suggest(cfg, m, layout: Layout, reserve_gb: float = RESERVE_GB) -> Optional[tuple]:
+    """The first single-knob change with which the plan fits: (knob, value, plan), or None."""
+    for knob, value, apply in _candidates(cfg, m, layout):
+        trial = copy.deepcopy(cfg)
+        apply(trial)
+        try:
+            plan = make_plan(trial, m, layout, reserve_gb)
+        except PlanError:
+            continue
+        if plan.fits:
+            return knob, value, plan
+    return None
+
+
+def verdict(cfg, m, plan: Plan, reserve_gb: float = RESERVE_GB) -> Optional[str]:
+    """None when the plan fits, else the message naming the knob to change."""
+    if plan.fits:
+        return None
+    limit = plan.layout.gpu_memory_gb
+    worst = plan.worst
+    trainer = max(max(g.phases.values()) for g in plan.groups)
+    if plan.problems and trainer <= limit * GB:  # the trainer fits by itself: vLLM's setting is the problem
+        knob, why = plan.problems[0]
+        return f"does not fit: {why}; change '{knob}'"
+    head = (f"does not fit: GPUs {worst.label()} need an estimated {worst.total / GB:.1f} GB of "
+            f"{limit:g} GB ({max(worst.phases, key=worst.phases.get)} phase{' + vLLM' if worst.vllm else ''})")
+    found = suggest(cfg, m, plan.layout, reserve_gb)
+    if found:
+        knob, value, fixed = found
+        return f"{head}; change '{knob}' ({knob}={value} fits: {fixed.worst.total / GB:.1f} GB)"
+    return (f"{head}; no single change of train.micro_batch_size, model.recompute, parallel.sequence_parallel, "
+            "rollout.gpu_memory_utilization or parallel.tp fits: change 'parallel.tp' / 'parallel.pp' together "
+            "with more GPUs (--nodes)")
+
+
+ROWS = [
+    ("weights", "policy weights ({dtype})"),
+    ("gradients", "gradients (fp32 main grads)"),
+    ("optimizer", "optimizer (fp32 master + Adam m, v){dist}"),
+    ("activations", "activations ({b} x {seq} tokens, recompute {rc}, SP {sp})"),
+    ("logits", "logits shard + fp32 chunk temporary"),
+    ("reference", "reference model, resident{ref}"),
+    ("reserve", "CUDA context, NCCL, allocator (assumed)"),
+    ("vllm weights", "  vLLM weights"),
+    ("vllm kv cache", "  vLLM KV cache"),
+    ("vllm", "vLLM in all (gpu_memory_utilization x memory)"),
+]
+
+
+def render(cfg, m, plan: Plan, config_name: str) -> str:
+    L, par, r, info = plan.layout, cfg.parallel, cfg.rollout, plan.info
+    out = [f"Memory plan for {config_name}: ESTIMATES from Megatron's published formulas (megatron_tbrm/plan.py, "
+           "docs/memory_plan.md), GB = 1e9 bytes, per GPU",
+           f"model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads}/{m.num_kv_heads} KV, "
+           f"FFN {m.ffn_hidden_size}, vocab {m.vocab_size} (padded {info['vocab_padded']} at TP={par.tp}), "
+           f"{info['params'] / 1e9:.2f} B parameters, {cfg.model.dtype}",
+           f"layout: {L.nodes} node(s) x {L.gpus_per_node} GPUs x {L.gpu_memory_gb:g} GB; TP={par.tp} PP={par.pp} "
+           f"CP={par.cp} DP={info['dp']}; {info['n_mb']} micro-batches of {cfg.train.micro_batch_size} rows per DP rank "
+           f"and step; longest row {info['seq']} tokens (data.max_prompt_tokens + rollout.max_tokens)",
+           f"hosts: trainer rank r on node r // {L.gpus_per_node}, GPU r % {L.gpus_per_node} (TP fastest, then CP, DP, PP)"]
+    if r.server_url:
+        out.append(f"       vLLM: attached at {r.server_url}, on GPUs of its own (not counted here)")
+    else:
+        out.append(f"       vLLM: one server (rollout.tensor_parallel_size={r.tensor_parallel_size}) on node 0 GPUs "
+                   f"0-{r.tensor_parallel_size - 1}, colocated with trainer ranks, its memory held through the update; "
+                   f"KV cache ~{info['vllm_kv_tokens']:,.0f} tokens "
+                   f"(~{info['vllm_kv_tokens'] / r.max_model_len:.0f} sequences of max_model_len {r.max_model_len})")
+    fmt = dict(dtype=cfg.model.dtype, b=cfg.train.micro_batch_size, seq=info["seq"], rc=cfg.model.recompute,
+               sp="on" if par.sequence_parallel else "off",
+               dist=f" / {info['dp'] * par.cp} (distributed)" if par.distributed_optimizer else "",
+               ref=" (ref_offload: on GPU only for its forward)" if cfg.train.ref_offload else "")
+    width = max(len(label.format(**fmt)) for _, label in ROWS) + 2
+    cols = [f"{'PP' + str(g.stage) + ' ' if par.pp > 1 else ''}GPUs {g.label()}" for g in plan.groups]
+    cw = [max(12, len(c) + 2) for c in cols]
+    out += ["", "component".ljust(width) + "".join(c.rjust(w) for c, w in zip(cols, cw))]
+
+    def line(label: str, values: list) -> str:
+        return label.ljust(width) + "".join(v.rjust(w) for v, w in zip(values, cw))
+
+    for key, label in ROWS:
+        if key.startswith("vllm") and not any(g.vllm for g in plan.groups):
+            continue
+        out.append(line(label.format(**fmt), [f"{g.rows[key] / GB:.1f}" if key in g.rows else "-"
+                                              for g in plan.groups]))
+    out.append(line("-" * (width - 2), ["-" * (w - 2) for w in cw]))
+    for phase in ("update", "reference forward"):
+        out.append(line(f"trainer, {phase} phase", [f"{g.phases[phase] / GB:.1f}" for g in plan.groups]))
+    out.append(line(f"peak per GPU (of {L.gpu_memory_gb:g} GB)",
+                    [f"{g.total / GB:.1f}{'' if g.total <= L.gpu_memory_gb * GB else ' !'}" for g in plan.groups]))
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from .config import load_config
+
+    p = argparse.ArgumentParser(prog="megatron-tbrm-plan", description=__doc__.split("\n\n")[0],
+                                epilog="Exit 0: fits; 2: does not fit (the message names the knob); 1: bad input.")
+    p.add_argument("--config", required=True, help="recipe YAML (inheritance and overrides as in training)")
+    p.add_argument("--hf-config", help="the model's config.json or its folder (default: model.path)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, GB = 1e9 bytes")
+    p.add_argument("--reserve-gb", type=float, default=RESERVE_GB,
+                   help="per trainer GPU for the CUDA context, NCCL and allocator slack (assumed)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    a = p.parse_args(argv)
+    if a.gpus_per_node < 1 or a.nodes < 1 or a.gpu_memory_gb <= 0:
+        raise PlanError("--gpus-per-node, --nodes and --gpu-memory-gb must be positive")
+    if a.hf_config and not Path(a.hf_config).exists():
+        raise FileNotFoundError(f"--hf-config {a.hf_config}: no such file or folder")
+    cfg = load_config(a.config, a.overrides)
+    m = model_shape(cfg, a.hf_config)
+    plan = make_plan(cfg, m, Layout(a.gpus_per_node, a.nodes, a.gpu_memory_gb), a.reserve_gb)
+    print(render(cfg, m, plan, a.config))
+    message = verdict(cfg, m, plan, a.reserve_gb)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    print("fits (estimate)")
+
+
+if __name__ == "__main__":
+    from .cli import plan as _cli
+
+    sys.exit(_cli())
