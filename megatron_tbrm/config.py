@@ -65,6 +65,11 @@ class DataSection:
     # line of your response should be of the form Answer: $Answer ...") keep only the problem.
     strip_instruction: bool = False
     dedupe: bool = True  # drop rows whose prompt and answer repeat an earlier row's (counted)
+    # Off-policy TBRM: train on saved trajectories (rollout.save files, or any JSONL/Parquet with
+    # prompt, response and reward; a path or a glob). trajectory_fraction of each step's samples
+    # come from them; 1.0: no vLLM server at all.
+    trajectories: Optional[str] = None
+    trajectory_fraction: float = 1.0
 
 
 @dataclass
@@ -78,6 +83,9 @@ class WeightSyncSection:
     # attached to rollout.server_url), and its port (0: a free one, picked at each connect).
     master_address: Optional[str] = None
     master_port: int = 0
+    # What a push does to requests in flight (overlapped rollouts): wait = they finish on the
+    # old weights first; keep = frozen and continued on the new ones; abort = dropped.
+    pause_mode: Literal["wait", "keep", "abort"] = "wait"
 
 
 @dataclass
@@ -104,6 +112,7 @@ class RolloutSection:
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
     max_restarts: int = 3  # consecutive server failures survived (restart + redo the batch)
+    save: bool = False  # write every step's trajectories to <run.dir>/rollouts/step_N.jsonl
     weight_sync: WeightSyncSection = field(default_factory=WeightSyncSection)
 
 
@@ -144,6 +153,10 @@ class TrainSection:
     micro_batch_size: int = 4
     ref_offload: bool = False  # keep the frozen reference model on CPU between uses
     max_bad_steps: int = 3  # non-finite losses in a row before the run stops
+    # Rollouts for the next max_staleness steps are generated while the current update runs
+    # (0: synchronous). TBRM needs no correction for the stale data; GRPO's ratio is taken
+    # against the sampler's log-probs.
+    max_staleness: int = 0
 
 
 @dataclass
@@ -195,6 +208,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def fresh_rollouts(self) -> bool:
+        """False when every sample comes from data.trajectories: no prompts, no vLLM server."""
+        return not (self.data.trajectories and self.data.trajectory_fraction >= 1.0)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -370,6 +388,20 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"config key 'checkpoint.keep_last': got {cfg.checkpoint.keep_last}; "
                           "must be >= 1 (or null to keep every checkpoint)")
+    if cfg.train.max_staleness < 0:
+        raise ConfigError(f"config key 'train.max_staleness': got {cfg.train.max_staleness}; must be >= 0")
+    if cfg.data.trajectories is not None:
+        if not 0.0 < cfg.data.trajectory_fraction <= 1.0:
+            raise ConfigError(f"config key 'data.trajectory_fraction': got {cfg.data.trajectory_fraction}; must be in (0, 1]")
+        if cfg.loss.name != "tbrm":
+            raise ConfigError(f"config key 'data.trajectories': off-policy data is for loss.name=tbrm (got "
+                              f"{cfg.loss.name!r}: GRPO's groups and ratios need fresh rollouts)")
+        from .data.trajectories import resolve_trajectory_files
+
+        try:
+            resolve_trajectory_files(cfg.data.trajectories)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config key 'data.trajectories': {e}") from None
     if cfg.rollout.weight_sync.transport == "nccl":
         import torch
 
@@ -396,9 +428,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
         check_fp8_available(cfg.model.fp8)
 
-    if not cfg.data.train_path:
+    if cfg.fresh_rollouts and not cfg.data.train_path:
         raise ConfigError("config key 'data.train_path' is required: a JSONL or Parquet prompt file")
-    if not Path(cfg.data.train_path).is_file():
+    if cfg.data.train_path and not Path(cfg.data.train_path).is_file():
         raise ConfigError(f"config key 'data.train_path': file not found: {cfg.data.train_path}")
     for key in ("data.eval_path", "eval.path"):
         sec, name = key.split(".")
@@ -408,7 +440,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     from .data import check_prompt_fields, resolve_eval_fields
 
     try:  # the fields, on the first rows: "no usable prompts" is found here, before any model
-        check_prompt_fields(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key)
+        if cfg.data.train_path:
+            check_prompt_fields(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key)
     except ValueError as e:
         raise ConfigError(f"config keys 'data.prompt_key'={cfg.data.prompt_key!r} / 'data.answer_key'="
                           f"{cfg.data.answer_key!r} (data.train_path): {e}") from None

@@ -56,7 +56,10 @@ def setup_logging(level: Optional[int] = None) -> None:
 
 
 def get_logger(name: str) -> logging.Logger:
-    """The logger of module `name` (pass __name__)."""
+    """The logger of module `name` (pass __name__; a module run with -m is named as imported)."""
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None else name
     return logging.getLogger(name if name.startswith(_PACKAGE) else f"{_PACKAGE}.{name}")
 
 

@@ -172,6 +172,10 @@ def tbrm_loss_sums(
         "response_length_mean": _pair(loss_mask.sum(), b),
         "delta_success_mean": _pair(delta[success].sum(), success.sum()),
         "delta_failure_mean": _pair(delta[~success].sum(), (~success).sum()),
+        # sum_h log pi/pi_ref of the sampled responses that succeeded / failed: how much more
+        # likely the policy makes them than the reference does
+        "log_ratio_success_mean": _pair(t.log_ratio_sum.detach()[success].sum(), success.sum()),
+        "log_ratio_failure_mean": _pair(t.log_ratio_sum.detach()[~success].sum(), (~success).sum()),
     }
     return loss_sum, torch.tensor(b, dtype=torch.int, device=delta.device), metric_sums
 

@@ -11,6 +11,7 @@ after the update the policy's weights go through the HF mapping table into the r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -35,6 +36,7 @@ class TrainingStopped(RuntimeError):
 class _DataLoaded:  # rank 0 -> every rank after loading the prompts
     sampler_state: dict
     stats: dict
+    trajectory_sampler_state: Optional[dict] = None
 
 
 @dataclass
@@ -89,13 +91,16 @@ class Trainer:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         r = cfg.rollout
         self.stop_token_ids = r.stop_token_ids if r.stop_token_ids is not None else end_of_turn_token_ids(tok)
+        eot = end_of_turn_token_ids(tok)
+        self.eot_id = eot[0] if eot else tok.eos_token_id
         self._load_data()
 
         self.step = 0
         self.bad_steps = 0
         if resume:
             self._resume()
-        self.rollout = None  # RolloutManager, rank 0, from fit()
+        self.rollout = None  # RolloutManager, rank 0, from fit() (None: trajectory files only)
+        self.ahead = None  # RolloutsAhead, rank 0, with train.max_staleness > 0
         self.tracking = None
         self.t_start = time.time()
 
@@ -113,17 +118,22 @@ class Trainer:
         self.data = None
         if self.is_main:
             try:
-                self.data = load_training_data(self.cfg, self.tokenizer)
+                self.data = load_training_data(self.cfg, self.tokenizer, self.pad_id, self.eot_id)
             except Exception as e:
                 dist.broadcast_object_list([_DataFailed(f"{type(e).__name__}: {e}")], src=0)
                 raise
-            msg = [_DataLoaded(self.data.sampler.state_dict(), self.data.stats)]
+            d = self.data
+            msg = [_DataLoaded(d.sampler.state_dict() if d.sampler else {}, d.stats,
+                               d.trajectory_sampler.state_dict() if d.trajectory_sampler else None)]
         dist.broadcast_object_list(msg, src=0)
         if isinstance(msg[0], _DataFailed):
             raise RuntimeError(f"rank 0 could not load the data: {msg[0].error}")
         self.data_stats = msg[0].stats
-        self.sampler = self.data.sampler if self.is_main else MirroredSampler(msg[0].sampler_state)
+        self.sampler = self.data.sampler if self.is_main and self.data.sampler else MirroredSampler(msg[0].sampler_state or None)
         self.eval_items = self.data.eval_items if self.is_main else None
+        # The data position of the last TRAINED batch, saved in checkpoints (rank 0's samplers
+        # run ahead of it with overlapped rollouts).
+        self.position = {"sampler": msg[0].sampler_state, "trajectory_sampler": msg[0].trajectory_sampler_state}
 
     def _resume(self) -> None:
         from .checkpoint import latest_checkpoint, load_checkpoint
@@ -134,11 +144,17 @@ class Trainer:
         state = load_checkpoint(self.ckpt_dir, self.policy.chunks, self.policy.optimizer, self.policy.scheduler)
         extra = state["extra"]
         self.step = state["iteration"]
-        self.sampler.load_state_dict(extra["sampler"])
+        if extra["sampler"]:
+            self.sampler.load_state_dict(extra["sampler"])
+        self.position = {"sampler": extra["sampler"], "trajectory_sampler": extra.get("trajectory_sampler")}
+        if self.is_main and self.data.trajectory_sampler is not None and extra.get("trajectory_sampler"):
+            self.data.trajectory_sampler.load_state_dict(extra["trajectory_sampler"])
         self.algorithm.load_state_dict(extra)
         log.info(f"resumed from {state['path']} at step {self.step}")
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
         if self.rollout is not None:
             self.rollout.close()
         if self.tracking is not None:
@@ -154,10 +170,11 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self._broadcast_rollout()
         while not isinstance(batch, RolloutBatch):  # ServerRestarted: give it the policy, redo
-            self.push_weights()
+            self.push_weights(self.step)
             batch = self._broadcast_rollout()
-        if not self.is_main:
+        if not self.is_main and batch.sampler_state:
             self.sampler.load_state_dict(batch.sampler_state)
+        self.position = {"sampler": batch.sampler_state, "trajectory_sampler": batch.trajectory_sampler_state}
         mbs = self._microbatches(batch)
         if self.step == 0:
             self.algorithm.on_first_batch(self.ref, mbs, self.ps)
@@ -166,10 +183,14 @@ class Trainer:
         t_train = time.perf_counter()
         metrics = self._update(mbs)
         t_sync = time.perf_counter()
-        sync = self.push_weights()
+        sync = self.push_weights(self.step + 1)
         t_end = time.perf_counter()
-        self.step += 1
         metrics.update(batch.metrics)
+        versions = [s.policy_version for s in batch.samples if s.policy_version >= 0]
+        if versions:  # how many updates old the data is, against the policy this step trained
+            metrics.update(staleness_mean=self.step - sum(versions) / len(versions),
+                           staleness_max=float(self.step - min(versions)))
+        self.step += 1
         rollout_failures = float(self.rollout.failures) if self.rollout is not None else 0.0
         metrics.update(
             step=self.step, trajectories=float(sum(mb["loss_mask"].shape[0] for mb in mbs) * self.ps.dp_size),
@@ -183,9 +204,31 @@ class Trainer:
     def _broadcast_rollout(self):
         payload: list[Any] = [None]
         if self.is_main:
-            payload = [self.rollout.rollout(self.sampler, self.step, self.algorithm)]
+            payload = [self._next_batch()]
         dist.broadcast_object_list(payload, src=0)
         return payload[0]
+
+    def _next_batch(self):
+        """Rank 0: this step's fresh rollouts (synchronous or made ahead), plus its share of
+        trajectory-file samples (data.trajectories); or ServerRestarted."""
+        from .rollout.batch import RolloutBatch
+
+        if self.ahead is not None:
+            batch, waited, idle = self.ahead.get(self.step)
+            if isinstance(batch, RolloutBatch):
+                batch.metrics.update(trainer_idle_s=waited, rollout_idle_s=idle)
+        elif self.rollout is not None:
+            batch = self.rollout.rollout(self.sampler, self.step, self.algorithm)
+        else:
+            batch = RolloutBatch([], {"rollout_s": 0.0, "response_tokens": 0.0}, sampler_state=self.position["sampler"])
+        ts = self.data.trajectory_sampler
+        if isinstance(batch, RolloutBatch) and ts is not None:
+            drawn = [dataclasses.replace(s) for s in ts.next_batch()]
+            batch.samples += drawn
+            batch.trajectory_sampler_state = ts.state_dict()
+            batch.metrics.update(trajectory_samples=float(len(drawn)),
+                                 trajectory_reward_mean=sum(s.reward for s in drawn) / len(drawn))
+        return batch
 
     def _microbatches(self, batch) -> list[dict]:
         """This DP rank's share of the batch (a multiple of DP x micro-batch rows is kept,
@@ -199,7 +242,8 @@ class Trainer:
             raise TrainingStopped(f"step {self.step}: too few non-empty trajectories ({len(batch.samples)}) "
                                   f"for one micro-batch per DP rank")
         mine = batch.samples[self.ps.dp_rank * per : (self.ps.dp_rank + 1) * per]
-        return split_microbatches(collate(mine, self.pad_id, batch.seq_len), self.cfg.train.micro_batch_size)
+        return split_microbatches(collate(mine, self.pad_id, batch.seq_len, version=self.step),
+                                  self.cfg.train.micro_batch_size)
 
     def _attach_ref_logprobs(self, microbatches: list[dict]) -> None:
         """Frozen-reference log-probs of the labels, as mb["ref_logprobs"] (last stage)."""
@@ -228,7 +272,7 @@ class Trainer:
             with torch.no_grad():
                 lp, _ = vocab_parallel_logprob(logits.detach(), mb["labels"], self.model_cfg.vocab_size,
                                                self.tp_group, mask=mb["loss_mask"].bool())
-            mask = mb["loss_mask"]
+            mask = mb["loss_mask"] * mb["on_policy"].unsqueeze(1)  # stale or file samples: other weights
             gap = ((lp - mb["rollout_logprobs"]).abs() * mask).sum()
             sums["logprob_gap"] = torch.stack([gap.double(), mask.sum().double()])
             sums["loss"] = torch.stack([loss_sum.detach().double(), count.double()])
@@ -257,23 +301,32 @@ class Trainer:
                                   f"saved the last good state to {self.ckpt_dir}")
         return metrics
 
-    def push_weights(self) -> dict:
-        """Every rank takes part in the export's gathers; rank 0 pushes into the server."""
+    def push_weights(self, version: int) -> dict:
+        """The policy after `version` optimizer steps into the server: every rank takes part in
+        the export's gathers; rank 0 pushes. Nothing without a server (trajectory files only)."""
         from .hf_mapping import export_hf_weights
 
+        if not self.cfg.fresh_rollouts:
+            return {}
         named = export_hf_weights(self.policy.chunks, self.model_cfg)
-        if self.is_main:
-            return self.rollout.push(named)
-        for _ in named:
-            pass
-        return {}
+        if not self.is_main:
+            for _ in named:
+                pass
+            return {}
+        out = self.rollout.push(named)
+        if self.ahead is not None:
+            self.ahead.pushed(version)
+        else:
+            self.rollout.version = version
+        return out
 
     def save(self) -> None:
         from .checkpoint import save_checkpoint
 
         save_checkpoint(
             self.ckpt_dir, self.step, self.policy.chunks, self.policy.optimizer, self.policy.scheduler,
-            extra={"sampler": self.sampler.state_dict(), "step": self.step, **self.algorithm.state_dict()},
+            extra={"sampler": self.position["sampler"], "trajectory_sampler": self.position["trajectory_sampler"],
+                   "step": self.step, **self.algorithm.state_dict()},
             hf_dir=self.cfg.model.path, keep_last=self.cfg.checkpoint.keep_last,
         )
 
@@ -285,15 +338,22 @@ class Trainer:
 
         cfg = self.cfg
         if self.is_main:
-            self.rollout = RolloutManager(cfg, self.run_dir, self.pad_id, self.stop_token_ids)
-            self.rollout.start()
+            if cfg.fresh_rollouts:
+                self.rollout = RolloutManager(cfg, self.run_dir, self.pad_id, self.stop_token_ids)
+                self.rollout.start()
+                self.rollout.version = self.step
             r = cfg.run
             self.tracking = Tracking(self.run_dir, r.tensorboard, r.wandb_project, r.wandb_mode, r.wandb_name,
                                      config=cfg.to_dict())
         # A server we started holds model.path's weights; after a resume, a loaded checkpoint, or
         # when attached to someone's server, give it the current policy first.
         if self.step > 0 or cfg.checkpoint.load or cfg.rollout.server_url:
-            self.push_weights()
+            self.push_weights(self.step)
+        if self.is_main and self.rollout is not None and cfg.train.max_staleness:
+            from .rollout.overlap import RolloutsAhead
+
+            self.ahead = RolloutsAhead(self.rollout, self.sampler, self.algorithm, cfg.train.max_staleness,
+                                       first_step=self.step, last_step=cfg.train.steps)
         bar = progress_bar(cfg.train.steps, cfg.loss.name, enabled=self.is_main and cfg.run.progress, initial=self.step)
         evaluating = self.is_main and self.eval_items
         if evaluating and self.step == 0:

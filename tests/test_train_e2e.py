@@ -13,7 +13,6 @@ weights in at start, as multi-node users run it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -25,7 +24,7 @@ import pytest
 
 from megatron_tbrm.demo.arithmetic import make_arithmetic_splits
 
-from megatron_tbrm.parallel import free_port
+from _trainer import run_trainer
 from _vllm import vllm_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,20 +43,7 @@ def data(tmp_path_factory):
 
 
 def train(run_dir: Path, model: Path, data, server, *overrides: str, nproc: int = 2, resume: bool = False) -> list[dict]:
-    train_path, test_path = data
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
-           f"model.path={model}", f"data.train_path={train_path}", f"eval.path={test_path}", f"run.dir={run_dir}",
-           f"rollout.server_url={server.url}", "rollout.max_tokens=24", "train.prompts_per_step=8",
-           "train.micro_batch_size=2", "eval.every=0", "run.progress=false", "model.value_offset=false",
-           "loss.beta=0.5", *overrides]
-    if resume:
-        cmd.append("--resume")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if p.returncode:
-        raise AssertionError(f"trainer failed ({p.returncode}):\n{(p.stdout + p.stderr)[-8000:]}")
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return run_trainer(run_dir, model, data, *overrides, server_url=server.url, nproc=nproc, resume=resume)
 
 
 @pytest.fixture(scope="module")

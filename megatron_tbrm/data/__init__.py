@@ -31,36 +31,63 @@ __all__ = ["BadRow", "DAPO_INSTRUCTION_PREFIX", "DAPO_INSTRUCTION_SUFFIX", "Load
 
 @dataclasses.dataclass
 class TrainingData:
-    """What rank 0 loads for a training run: the prompts, their sampler, the evaluation items
-    (None without evaluation) and the load counts (floats, logged every step)."""
+    """What rank 0 loads for a training run: the prompts and their sampler (None when every
+    sample comes from trajectory files), the trajectory files' samples and their sampler
+    (None without data.trajectories), the evaluation items (None without evaluation, or without
+    a server) and the load counts (floats, logged every step)."""
 
-    dataset: "PromptDataset"
-    sampler: "PromptSampler"
+    dataset: Optional["PromptDataset"]
+    sampler: Optional["PromptSampler"]
     eval_items: Optional[list]
     stats: dict
+    trajectories: Optional[Any] = None
+    trajectory_sampler: Optional["PromptSampler"] = None
 
 
-def load_training_data(cfg, tokenizer: Any) -> TrainingData:
+def samples_per_step(cfg) -> tuple[int, int]:
+    """(fresh prompts, trajectory-file samples) per step: data.trajectory_fraction of
+    train.prompts_per_step prompts' worth of samples (x rollout.n) come from the files."""
+    total = cfg.train.prompts_per_step
+    if not cfg.data.trajectories:
+        return total, 0
+    from_files = max(1, round(cfg.data.trajectory_fraction * total))
+    return total - from_files, from_files * cfg.rollout.n
+
+
+def load_training_data(cfg, tokenizer: Any, pad_id: int = 0, eot_id: Optional[int] = None) -> TrainingData:
     """The `data` and `eval` sections of a Config -> TrainingData (rank 0 only in the trainer).
     Evaluation prompts longer than data.max_prompt_tokens are skipped with a warning."""
     from ..log import get_logger
 
     log = get_logger(__name__)
     d, e = cfg.data, cfg.eval
-    dataset = PromptDataset(d.train_path, tokenizer, d.prompt_key, d.answer_key, d.system_prompt, d.max_prompt_tokens,
-                            d.strict, strip_instruction=d.strip_instruction, dedupe=d.dedupe)
-    sampler = PromptSampler(dataset, cfg.train.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
-    eval_items = None
-    if e.every and (e.path or d.eval_path):
-        items = load_eval_items(e.path or d.eval_path, tokenizer, e.prompt_key, e.answer_key, d.system_prompt)
-        fit = [it for it in items if len(it.prompt_ids) <= d.max_prompt_tokens]
-        if len(fit) < len(items):
-            log.warning(f"eval: skipped {len(items) - len(fit)} prompts longer than "
-                        f"data.max_prompt_tokens={d.max_prompt_tokens}")
-        eval_items = fit[: e.max_problems]
-    st = dataset.stats
-    log.info(f"data: {st.rows} rows -> {len(dataset)} prompts ({st.duplicates} duplicates dropped, {st.bad} bad rows, "
-             f"{st.too_long} too long, {st.instruction_stripped} instructions stripped)")
-    stats = {"data_rows": float(st.rows), "data_rows_skipped": float(st.bad), "data_rows_duplicate": float(st.duplicates),
-             "data_prompts_too_long": float(st.too_long), "data_prompts": float(len(dataset))}
-    return TrainingData(dataset, sampler, eval_items, stats)
+    fresh, from_files = samples_per_step(cfg)
+    data = TrainingData(None, None, None, {})
+    if fresh:
+        data.dataset = PromptDataset(d.train_path, tokenizer, d.prompt_key, d.answer_key, d.system_prompt,
+                                     d.max_prompt_tokens, d.strict, strip_instruction=d.strip_instruction, dedupe=d.dedupe)
+        data.sampler = PromptSampler(data.dataset, fresh, seed=d.seed, shuffle=d.shuffle)
+        st = data.dataset.stats
+        log.info(f"data: {st.rows} rows -> {len(data.dataset)} prompts ({st.duplicates} duplicates dropped, "
+                 f"{st.bad} bad rows, {st.too_long} too long, {st.instruction_stripped} instructions stripped)")
+        data.stats.update(data_rows=float(st.rows), data_rows_skipped=float(st.bad),
+                          data_rows_duplicate=float(st.duplicates), data_prompts_too_long=float(st.too_long),
+                          data_prompts=float(len(data.dataset)))
+        if e.every and (e.path or d.eval_path):
+            items = load_eval_items(e.path or d.eval_path, tokenizer, e.prompt_key, e.answer_key, d.system_prompt)
+            fit = [it for it in items if len(it.prompt_ids) <= d.max_prompt_tokens]
+            if len(fit) < len(items):
+                log.warning(f"eval: skipped {len(items) - len(fit)} prompts longer than "
+                            f"data.max_prompt_tokens={d.max_prompt_tokens}")
+            data.eval_items = fit[: e.max_problems]
+    if from_files:
+        from .trajectories import TrajectoryDataset
+
+        data.trajectories = TrajectoryDataset(d.trajectories, tokenizer, pad_id, d.system_prompt, eot_id,
+                                              max_tokens=d.max_prompt_tokens + cfg.rollout.max_tokens)
+        data.trajectory_sampler = PromptSampler(data.trajectories.samples, from_files, seed=d.seed, shuffle=d.shuffle)
+        ts = data.trajectories.stats
+        log.info(f"trajectories: {ts.rows} rows in {len(data.trajectories.files)} file(s) -> {len(data.trajectories)} "
+                 f"samples ({ts.bad} bad: {ts.reasons}); {from_files} per step, {fresh} fresh prompts per step")
+        data.stats.update(trajectory_rows=float(ts.rows), trajectory_rows_skipped=float(ts.bad))
+    return data

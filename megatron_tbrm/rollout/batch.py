@@ -27,6 +27,9 @@ class Sample:
     rollout_logprobs: the sampler's log pi(a_h|s_h) at those positions, 0.0 elsewhere
     (behaviour-policy log-probs: GRPO's ratio denominator and the train/rollout consistency
     check). advantage: GRPO's, filled by `algorithms.GRPO.prepare`; unused by TBRM.
+    policy_version / policy_version_end: the optimizer step count of the weights the server held
+    when the sample's rollout started / ended (equal unless a push landed in between; -1: not
+    known, e.g. a trajectory file without versions).
     """
 
     tokens: list[int]
@@ -36,22 +39,34 @@ class Sample:
     reward: float
     prompt_index: int
     advantage: float = 0.0
+    policy_version: int = 0
+    policy_version_end: int = 0
 
     @classmethod
-    def from_trajectory(cls, t: Trajectory, reward: float, pad_id: int) -> Optional["Sample"]:
-        """None for an empty response (it has no residual)."""
-        p, a = list(t.prompt_token_ids), list(t.response_token_ids)
-        if not a:
+    def from_ids(cls, prompt_ids: Sequence[int], response_ids: Sequence[int], logprobs: Sequence[float],
+                 reward: float, prompt_index: int, pad_id: int, version: int = 0,
+                 version_end: Optional[int] = None) -> Optional["Sample"]:
+        """None for an empty response (it has no residual). `logprobs`: the sampler's, per
+        response token (may be shorter or empty: the rest count as 0)."""
+        p, a = list(prompt_ids), list(response_ids)
+        if not a or not p:
             return None
         tokens = p + a
         start = len(p) - 1  # the last prompt position predicts a_1
         mask = [0.0] * len(tokens)
-        logprobs = [0.0] * len(tokens)
+        lps = [0.0] * len(tokens)
         for j in range(len(a)):
             mask[start + j] = 1.0
-            if j < len(t.response_logprobs):
-                logprobs[start + j] = t.response_logprobs[j]
-        return cls(tokens, tokens[1:] + [pad_id], mask, logprobs, float(reward), t.prompt_index)
+            if j < len(logprobs):
+                lps[start + j] = float(logprobs[j])
+        return cls(tokens, tokens[1:] + [pad_id], mask, lps, float(reward), prompt_index,
+                   policy_version=version, policy_version_end=version if version_end is None else version_end)
+
+    @classmethod
+    def from_trajectory(cls, t: Trajectory, reward: float, pad_id: int, version: int = 0,
+                        version_end: Optional[int] = None) -> Optional["Sample"]:
+        return cls.from_ids(t.prompt_token_ids, t.response_token_ids, t.response_logprobs, reward, t.prompt_index,
+                            pad_id, version, version_end)
 
 
 @dataclass
@@ -63,11 +78,12 @@ class RolloutBatch:
     samples: list[Sample]
     metrics: dict[str, float] = field(default_factory=dict)
     sampler_state: dict = field(default_factory=dict)
+    trajectory_sampler_state: Optional[dict] = None  # data.trajectories' sampler, after this batch
 
     @classmethod
     def from_trajectories(cls, trajs: Sequence[Trajectory], rewards: Sequence[float], pad_id: int,
-                          **kw) -> "RolloutBatch":
-        samples = [Sample.from_trajectory(t, r, pad_id) for t, r in zip(trajs, rewards)]
+                          version: int = 0, version_end: Optional[int] = None, **kw) -> "RolloutBatch":
+        samples = [Sample.from_trajectory(t, r, pad_id, version, version_end) for t, r in zip(trajs, rewards)]
         kept = [s for s in samples if s is not None]
         batch = cls(kept, **kw)
         batch.metrics["dropped_empty"] = float(len(samples) - len(kept))
@@ -90,13 +106,15 @@ class ServerRestarted:
     cause: Optional[str] = None
 
 
-def collate(samples: Sequence[Sample], pad_id: int, seq_len: int) -> dict[str, torch.Tensor]:
+def collate(samples: Sequence[Sample], pad_id: int, seq_len: int, version: int = 0) -> dict[str, torch.Tensor]:
     """Samples -> tensors right-padded to [B, seq_len] (causal attention needs no mask):
     tokens, labels (int64, pad_id), loss_mask, rollout_logprobs (fp32, 0), position_ids, and
-    rewards, advantages [B] fp32."""
+    rewards, advantages, on_policy [B] fp32 (on_policy: 1 for samples generated from start to
+    end by the weights of optimizer step `version`, the policy being trained)."""
     from ..engine import pad_batch
 
     rows = [{"tokens": s.tokens, "labels": s.labels, "loss_mask": s.loss_mask,
-             "rollout_logprobs": s.rollout_logprobs, "rewards": s.reward, "advantages": s.advantage}
+             "rollout_logprobs": s.rollout_logprobs, "rewards": s.reward, "advantages": s.advantage,
+             "on_policy": float(s.policy_version == s.policy_version_end == version)}
             for s in samples]
     return pad_batch(rows, pad_id, seq_len=seq_len)

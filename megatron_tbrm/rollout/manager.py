@@ -35,6 +35,8 @@ class RolloutManager:
         self.pad_id = pad_id
         self.stop_token_ids = stop_token_ids
         self.server = self.client = self.sync = self.scorer = None
+        self.eval_scorer = None  # its own pool: evaluation may run while a rollout scores (overlap)
+        self.version = 0  # optimizer steps in the weights the server holds (set after each push)
         self.failures = 0  # server failures in a row
         self._last_failure: Optional[tuple[int, Optional[str]]] = None
 
@@ -67,10 +69,13 @@ class RolloutManager:
             self.server.start()
             self.server.wait_healthy(r.startup_timeout_s)
         self.client = RolloutClient.for_server(self.server, max_concurrency=r.max_concurrency, timeout=r.request_timeout_s)
-        self.sync = WeightSync(self.server, transport=r.weight_sync.transport, bucket_bytes=r.weight_sync.bucket_mb * 2**20)
+        self.sync = WeightSync(self.server, transport=r.weight_sync.transport, bucket_bytes=r.weight_sync.bucket_mb * 2**20,
+                               pause_mode=r.weight_sync.pause_mode)
         self._connect_sync()
         c = self.cfg.reward
         self.scorer = RewardScorer(c.name, timeout_s=c.timeout_s, num_workers=c.workers)
+        self.eval_scorer = RewardScorer(c.name, timeout_s=c.timeout_s, num_workers=1) if self.cfg.train.max_staleness \
+            else self.scorer
 
     def _connect_sync(self) -> None:
         """Collective transports: (re)make the broadcast group with the server's workers; needed
@@ -84,7 +89,7 @@ class RolloutManager:
         self.sync.connect(address, ws.master_port, timeout_s=self.cfg.rollout.startup_timeout_s)
 
     def close(self) -> None:
-        for part in (self.sync, self.scorer):
+        for part in (self.sync, self.scorer, self.eval_scorer):
             if part is not None:
                 part.close()
         if self.server is not None:
@@ -98,6 +103,7 @@ class RolloutManager:
 
         r = self.cfg.rollout
         prompts = sampler.next_batch()
+        version = self.version
         t0 = time.perf_counter()
         trajs = self.client.generate(
             [p.prompt_ids for p in prompts], n=r.n, temperature=r.temperature, top_p=r.top_p,
@@ -105,8 +111,13 @@ class RolloutManager:
             stop_token_ids=self.stop_token_ids, progress=False,
         )
         t_gen = time.perf_counter() - t0
-        rewards, rstats = self.scorer.score_batch([t.text for t in trajs], [prompts[t.prompt_index].answer for t in trajs])
-        batch = RolloutBatch.from_trajectories(trajs, rewards, self.pad_id, sampler_state=sampler.state_dict())
+        version_end = self.version
+        answers = [prompts[t.prompt_index].answer for t in trajs]
+        rewards, rstats = self.scorer.score_batch([t.text for t in trajs], answers)
+        if r.save:
+            self._save(step, prompts, trajs, answers, rewards, version, version_end)
+        batch = RolloutBatch.from_trajectories(trajs, rewards, self.pad_id, version, version_end,
+                                               sampler_state=sampler.state_dict())
         batch.metrics.update(
             rollout_s=t_gen,
             response_tokens=float(sum(len(t.response_token_ids) for t in trajs)),
@@ -120,6 +131,29 @@ class RolloutManager:
         if warning:
             log.warning(warning)
         return batch
+
+    def _save(self, step: int, prompts, trajs, answers, rewards, version: int, version_end: int) -> None:
+        """RUN/rollouts/step_N.jsonl (N = the step that trains on them, 1-based): one row per
+        trajectory, in data/trajectories.py's token-id form (written to a temporary name, then
+        renamed: a crash never leaves half a file)."""
+        import json
+        import os
+
+        out = self.run_dir / "rollouts"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"step_{step + 1}.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            for t, answer, reward in zip(trajs, answers, rewards):
+                f.write(json.dumps({
+                    "step": step + 1, "prompt_index": t.prompt_index, "sample_index": t.sample_index,
+                    "prompt": prompts[t.prompt_index].prompt, "response": t.text, "answer": answer,
+                    "reward": float(reward), "finish_reason": t.finish_reason,
+                    "prompt_token_ids": list(t.prompt_token_ids), "response_token_ids": list(t.response_token_ids),
+                    "rollout_logprobs": list(t.response_logprobs),
+                    "policy_version": version, "policy_version_end": version_end,
+                }) + "\n")
+        os.replace(tmp, path)
 
     def rollout(self, sampler: "PromptSampler", step: int, algorithm: "Algorithm") -> Union[RolloutBatch, ServerRestarted]:
         """A prepared batch, or ServerRestarted after the server died and was restarted (the
@@ -172,6 +206,6 @@ class RolloutManager:
         from ..eval import evaluate
 
         e = self.cfg.eval
-        res = evaluate(self.client, items, self.scorer, k=1, temperature=e.temperature, max_tokens=e.max_tokens,
+        res = evaluate(self.client, items, self.eval_scorer, k=1, temperature=e.temperature, max_tokens=e.max_tokens,
                        seed=self.cfg.parallel.seed, progress=False, stop_token_ids=self.stop_token_ids)
         return {"eval_accuracy": res["avg_at_k"], "eval_response_tokens": res["mean_response_tokens"]}
