@@ -8,44 +8,27 @@ model's shape comes from its HF config.json (model.path, or --hf-config). Nothin
 and no GPU is needed. Exit 0 when every GPU fits, 2 when one does not (the message names the
 knob to change and, where a single change fits, its value), 1 for a missing or bad file.
 
-Formulas (GB = 10^9 bytes; P = this rank's parameters; t = parallel.tp, p = parallel.pp,
-d = data-parallel size x parallel.cp, s = data.max_prompt_tokens + rollout.max_tokens (the
-longest row) / parallel.cp, b = train.micro_batch_size, h / a / f / L / V' = hidden, heads,
-FFN width, layers, Megatron's padded vocabulary):
+Formulas (docs/memory_plan.md has them in full; GB = 10^9 bytes; P = this rank's parameters,
+d = DP x CP, s = data.max_prompt_tokens + rollout.max_tokens, b = train.micro_batch_size):
+- weights 2P (bf16), fp32 main gradients 4P (grad_reduce_in_fp32), Adam's fp32 master + two
+  moments 12P / d with the distributed optimizer: megatron-core's distributed-optimizer
+  accounting, "6 + 12/d bytes per parameter".
+- activations per layer and micro-batch: s*b*h*(34 + 5*a*s/h) bytes (Korthikanti et al. 2022,
+  "Reducing Activation Recomputation in Large Transformer Models", arXiv 2205.05198, eq. 1-2,
+  Table 2): 10*s*b*h split over TP only with sequence parallelism, the rest always; selective
+  recompute drops 5*a*s/h; full keeps the layer input 2*s*b*h plus one layer's working set;
+  1F1B stage k holds min(p - k, micro-batches) in flight, interleaving x (1 + (p-1)/(p*vpp)).
+  One change for this model family: the published MLP term counts a 4h GeLU MLP (16*s*b*h
+  inside it); a gated MLP of width f keeps fc1's output and fc2's input, 6f/h instead.
+- logits: b*s*V'/t elements kept + their gradient in the model dtype, + vocab_parallel.py's fp32
+  chunk temporary (last stage); the reference's weights unless train.ref_offload (then only in
+  the reference-forward phase); vLLM: rollout.gpu_memory_utilization x GPU memory (or weights +
+  rollout.kv_cache_bytes) on each GPU it runs on, held through the update, its KV cache
+  2 * L * kv_heads * head_dim * bytes per token; RESERVE_GB per trainer GPU (assumed).
 
-- weights, gradients, optimizer: Megatron's distributed-optimizer accounting (megatron-core
-  docs, "Distributed Optimizer": 6 + 12/d bytes per parameter for bf16 with fp32 gradients):
-  bf16 weights 2P, fp32 main gradients 4P (the trainer's DDP sets grad_reduce_in_fp32), Adam's
-  fp32 master weights + 2 moments 12P / d (fp32 models: no master copy, 8P / d; without
-  parallel.distributed_optimizer: not divided by d).
-- activations, per layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation
-  Recomputation in Large Transformer Models", eq. 1-2 and Table 2; 16-bit activations):
-  s*b*h*(34 + 5*a*s/h), of which 10*s*b*h (layer-norm inputs, dropout masks, the inputs of the
-  column-parallel linears) is split over TP only with sequence parallelism and the rest always;
-  selective recompute drops the 5*a*s/h term (core attention); full recompute keeps only each
-  layer's input, 2*s*b*h (/ t with sequence parallelism), plus one layer's working set while it
-  is recomputed. One change to the published constant, for this model family: its 19*s*b*h MLP
-  term is for a 4h GeLU MLP (2 + 8 + 8 + 1); a gated (SwiGLU) MLP of width f keeps its fc1 output
-  (4f bytes per token) and fc2 input (2f), so 16 becomes 6f/h (31.7 instead of 16 for
-  Qwen2.5-7B). The attention terms stay the published multi-head ones (GQA keeps less: the
-  estimate is high there). With 1F1B, pipeline stage k holds min(p - k, micro-batches) micro-
-  batches in flight; interleaving multiplies by 1 + (p - 1) / (p * vpp) (same paper, sec. 4.2.3).
-- logits shard: b*s*V'/t elements kept for backward plus their gradient, each in the model
-  dtype (4 bytes per element in bf16, as one fp32 copy), plus vocab_parallel.py's fp32 chunk
-  temporary, min(512, b*s)*V'/t*4 bytes (last pipeline stage only).
-- reference model: its weights, on the GPU all the time unless train.ref_offload (then only
-  during the reference forward, which keeps no activations: one layer's and its logits).
-- vLLM: colocated on the GPUs it runs on, it takes rollout.gpu_memory_utilization x GPU memory
-  in all (or its weights + rollout.kv_cache_bytes), held through the update (no sleep mode).
-  Its weights are P_hf / rollout.tensor_parallel_size in its dtype; the KV cache is the rest
-  less VLLM_RUNTIME_GB, at 2 * L * kv_heads * head_dim * bytes per token (/ its TP).
-- a fixed RESERVE_GB per trainer GPU for the CUDA context, NCCL buffers and allocator slack
-  (an assumption, --reserve-gb).
-
-Where things run (today's trainer): trainer rank r on node r // G, GPU r % G (G GPUs per
-node), ranks ordered TP fastest, then CP, DP, PP; trainer rank 0 starts one vLLM server,
-which takes the first rollout.tensor_parallel_size GPUs of node 0 (none with
-rollout.server_url: vLLM then runs elsewhere).
+Where things run (today's trainer): rank r on node r // G, GPU r % G, TP fastest, then CP, DP,
+PP; trainer rank 0 starts one vLLM server on the first rollout.tensor_parallel_size GPUs of
+node 0 (none with rollout.server_url).
 """
 from __future__ import annotations
 
@@ -347,6 +330,10 @@ ROWS = [
 ]
 
 
+def _rows(n: int) -> str:
+    return f"{n} row{'s' if n != 1 else ''}"
+
+
 def render(cfg, m, plan: Plan, config_name: str) -> str:
     L, par, r, info = plan.layout, cfg.parallel, cfg.rollout, plan.info
     out = [f"Memory plan for {config_name}: ESTIMATES from Megatron's published formulas (megatron_tbrm/plan.py, "
@@ -355,7 +342,7 @@ def render(cfg, m, plan: Plan, config_name: str) -> str:
            f"FFN {m.ffn_hidden_size}, vocab {m.vocab_size} (padded {info['vocab_padded']} at TP={par.tp}), "
            f"{info['params'] / 1e9:.2f} B parameters, {cfg.model.dtype}",
            f"layout: {L.nodes} node(s) x {L.gpus_per_node} GPUs x {L.gpu_memory_gb:g} GB; TP={par.tp} PP={par.pp} "
-           f"CP={par.cp} DP={info['dp']}; {info['n_mb']} micro-batches of {cfg.train.micro_batch_size} rows per DP rank "
+           f"CP={par.cp} DP={info['dp']}; {info['n_mb']} micro-batches of {_rows(cfg.train.micro_batch_size)} per DP rank "
            f"and step; longest row {info['seq']} tokens (data.max_prompt_tokens + rollout.max_tokens)",
            f"hosts: trainer rank r on node r // {L.gpus_per_node}, GPU r % {L.gpus_per_node} (TP fastest, then CP, DP, PP)"]
     if r.server_url:
