@@ -46,6 +46,7 @@ setup(
     version="0.1.0",
     description="Value-based RL (TBRM) for LLM reasoning on Megatron-core with vLLM rollouts",
     packages=find_packages(include=["megatron_tbrm", "megatron_tbrm.*"]),
+    package_data={"megatron_tbrm": ["benchmark_data/*.jsonl"]},  # the `mini` eval preset
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -6,8 +6,12 @@ A. TBRM update step vs a supervised cross-entropy step on the same tiny model an
 B. Wall time of a full TBRM n=1 step vs a GRPO n=4 step on the same prompts (rollout through
    the real vLLM server, reward, reference forward, update, weight sync). The paper reports 3.1x
    on 7B; here rollouts of a tiny model are cheap, so the ratio says how this stack splits time.
+C. (--overlap) Wall time per step of TBRM n=1 with train.max_staleness k = 0, 1, 2 (rollouts of
+   the next k steps generated while the update runs), same prompts, next to the bound the
+   step's parts allow: k=0's median max(rollout, rest) / (rollout + rest). On this 2-core CPU
+   the rollout and the update also share the cores. Goal (issue 18): k=1 <= 0.7x of k=0.
 
-    python bench/step.py [--nproc 2] [--skip-full]
+    python bench/step.py [--nproc 2] [--skip-full] [--overlap [--steps 8]]
 
 A runs under torchrun with --nproc ranks (DP); B launches the trainer twice.
 """
@@ -154,6 +158,28 @@ def part_b(model_dir: Path, data: Path, nproc: int, steps: int, work: Path) -> d
     return res
 
 
+def part_c(model_dir: Path, data: Path, nproc: int, steps: int, work: Path, ks=(0, 1, 2)) -> dict:
+    res = {}
+    for k in ks:
+        run_dir = work / f"staleness_{k}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
+               "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
+               f"model.path={model_dir}", f"data.train_path={data}", f"run.dir={run_dir}", f"train.steps={steps}",
+               "eval.every=0", "checkpoint.save_every=0", "model.value_offset=false", "run.progress=false",
+               "train.prompts_per_step=32", "train.micro_batch_size=8", f"train.max_staleness={k}"]
+        run_logged(cmd, run_dir / "launcher.log", f"part C (max_staleness={k})")
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "step_s" in r]
+        # steady state: from the end of step 1 (start-up and the first rollout excluded) to the end
+        per_step = (rows[-1]["wall_time"] - rows[0]["wall_time"]) / (len(rows) - 1)
+        rest = [r["ref_s"] + r["train_s"] + r["sync_s"] for r in rows[1:]]
+        roll = [r["rollout_s"] for r in rows[1:]]
+        res[k] = {"per_step_s": per_step, "rollout_s": statistics.median(roll), "update_sync_s": statistics.median(rest),
+                  "staleness_mean": statistics.mean(r.get("staleness_mean", 0.0) for r in rows[1:]),
+                  "trainer_idle_s": statistics.median(r.get("trainer_idle_s", 0.0) for r in rows[1:])}
+    return res
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker_update(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
@@ -165,6 +191,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--skip-full", action="store_true", help="only part A")
+    ap.add_argument("--overlap", action="store_true", help="only part C (max_staleness 0 / 1 / 2)")
     ap.add_argument("--arch", default="tiny", choices=["tiny", *ARCHS], help="part A's model")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-step",
                     help="model, data, runs and logs (kept: a failed run can be read)")
@@ -178,6 +205,16 @@ def main() -> None:
         shutil.rmtree(work)  # a previous bench's runs: metrics.jsonl would be appended to
     model = write_tiny_model(work / "model", TinyModelSpec())
     train, _ = make_arithmetic_splits(work / "data", 512, 16)
+    if a.overlap:
+        c = part_c(model, train, a.nproc, a.steps, work)
+        print(f"C. TBRM n=1, 32 prompts per step, {a.steps} steps, {a.nproc} trainer ranks, vLLM CPU server "
+              f"(per step: steady state from the end of step 1)")
+        for k, v in c.items():
+            print(f"   max_staleness={k}: " + ", ".join(f"{m}={x:.2f}" for m, x in v.items())
+                  + f"   ratio to k=0: {v['per_step_s'] / c[0]['per_step_s']:.2f}x")
+        r, u = c[0]["rollout_s"], c[0]["update_sync_s"]
+        print(f"   bound from k=0's parts: max/sum = {max(r, u) / (r + u):.2f}x   (goal: k=1 <= 0.70x)")
+        return
     a_res = part_a(model if a.arch == "tiny" else a.arch, a.nproc, a.rows, a.seq, a.reps, work)
     where = a_res.get("device", "CPU")
     print(f"A. update step, {a.arch} model, {a.rows} rows x {a.seq} tokens per DP rank, {a.nproc} ranks, {where}")

@@ -13,7 +13,7 @@ math500/test.jsonl, ...), with the prompt and answer fields detected among the u
 (problem / question / prompt; answer / final_answer / expected_answer / ground_truth /
 solution). A list-valued answer (OlympiadBench's final_answer) takes its first element; a
 solution without a separate answer field gives its last \\boxed{}. The `mini` preset is a
-20-problem arithmetic/algebra set shipped with the project (tests/data/mini_math.jsonl) for
+20-problem arithmetic/algebra set shipped in the package (megatron_tbrm/benchmark_data/mini_math.jsonl) for
 tests and the CPU demo. Any other path to a data file works as an ad-hoc benchmark (avg@1,
 greedy).
 """
@@ -31,7 +31,7 @@ from megatron_tbrm.reward import extract_boxed
 
 PathLike = Union[str, Path]
 
-MINI_MATH = Path(__file__).resolve().parents[1] / "tests" / "data" / "mini_math.jsonl"
+MINI_MATH = Path(__file__).resolve().parent / "benchmark_data" / "mini_math.jsonl"  # package data
 DATA_DIR_ENV = "TBRM_BENCHMARK_DIR"  # default --data-dir
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 

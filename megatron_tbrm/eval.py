@@ -348,7 +348,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":  # the reward workers are spawned: keep this guard
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    from .cli import evaluate as _cli
+
+    sys.exit(_cli())

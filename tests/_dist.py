@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from megatron_tbrm.parallel import free_port
+from megatron_tbrm.ports import free_port
 import tempfile
 from collections.abc import Callable
 from typing import Any

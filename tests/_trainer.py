@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from megatron_tbrm.parallel import free_port
+from megatron_tbrm.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ import pytest
 from megatron_tbrm.checkpoint import complete_checkpoints
 from megatron_tbrm.config import load_config
 
-from megatron_tbrm.parallel import free_port
+from megatron_tbrm.ports import free_port
 from _vllm import vllm_server
 from test_data import MATH500_ROWS, dapo_row, write_jsonl, write_parquet
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_tbrm.parallel import free_port
+from megatron_tbrm.ports import free_port
 from megatron_tbrm.data import SYSTEM_PROMPT
 from megatron_tbrm.demo.arithmetic import make_arithmetic_dataset
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_tbrm.rollout import RolloutClient, RolloutServerError
-from megatron_tbrm.parallel import free_port
+from megatron_tbrm.ports import free_port
 from megatron_tbrm.rollout.process import group_members
 from megatron_tbrm.weight_sync import WeightSync, buckets, logprob_gap
 

@@ -63,6 +63,10 @@ def test_the_package_is_the_wheel(venv, tmp_path):
     out = _run([venv / "bin" / "python", "-c", "import megatron_tbrm.convert.launch as m; print(m.__file__)"],
                tmp_path).stdout.strip()
     assert Path(out).is_relative_to(venv) and not Path(out).is_relative_to(REPO), out
+    # package data: the `mini` eval preset's problems ship in the wheel
+    out = _run([venv / "bin" / "python", "-c", "from megatron_tbrm.benchmarks import MINI_MATH; "
+                "print(MINI_MATH, MINI_MATH.is_file())"], tmp_path).stdout.split()
+    assert Path(out[0]).is_relative_to(venv) and out[1] == "True", out
 
 
 def test_every_console_script_runs(venv, tmp_path):

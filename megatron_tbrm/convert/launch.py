@@ -23,7 +23,7 @@ def module_command(module: str) -> list[str]:
 
 
 def _worker_env(nproc: int) -> dict[str, str]:
-    from megatron_tbrm.parallel import free_port
+    from megatron_tbrm.ports import free_port
 
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
                LOCAL_WORLD_SIZE=str(nproc))
@@ -71,7 +71,7 @@ def is_worker(module: str, nproc: int, argv: Sequence[str]) -> bool:
             if rc:
                 raise SystemExit(f"error: conversion workers failed (exit code {rc})")
             return False
-        from megatron_tbrm.parallel import free_port
+        from megatron_tbrm.ports import free_port
 
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif int(os.environ["WORLD_SIZE"]) != nproc:

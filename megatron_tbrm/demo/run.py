@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..parallel import free_port
+from ..ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"

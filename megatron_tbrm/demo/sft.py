@@ -34,7 +34,7 @@ import torch
 
 from ..data import PromptDataset, PromptSampler, SYSTEM_PROMPT, load_tokenizer
 from ..log import get_logger, progress_bar, setup_logging
-from ..parallel import free_port
+from ..ports import free_port
 from .arithmetic import arithmetic_solution
 
 log = get_logger(__name__)

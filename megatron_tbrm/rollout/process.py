@@ -1,30 +1,14 @@
 """Child process groups that die with their owner: the kernel's parent-death signal, group
-signals and liveness, and the port check before a server binds."""
+signals and liveness."""
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import signal
-import socket
 
 import psutil
 
 _PR_SET_PDEATHSIG = 1
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """True when something already listens on (host, port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # SO_REUSEADDR as uvicorn sets it: a socket in TIME_WAIT does not count as in use.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            if e.errno in (errno.EADDRINUSE, errno.EACCES):
-                return True
-            raise
-    return False
 
 
 def die_with_parent(parent_pid: int) -> None:

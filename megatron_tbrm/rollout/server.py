@@ -28,8 +28,8 @@ from typing import Any
 
 import requests
 
-from megatron_tbrm.parallel import free_port
-from megatron_tbrm.rollout.process import die_with_parent, group_alive, signal_group, port_in_use
+from megatron_tbrm.ports import free_port, port_in_use
+from megatron_tbrm.rollout.process import die_with_parent, group_alive, signal_group
 
 WORKER_EXTENSION = "megatron_tbrm.rollout.worker_extension.WeightReceiver"
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])  # folder holding megatron_tbrm/
