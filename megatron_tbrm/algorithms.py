@@ -124,8 +124,13 @@ class GRPO(Algorithm):
 
     def loss_sums(self, mb, logits):
         c = self.cfg
+        old = mb["rollout_logprobs"]
+        if getattr(c, "old_logprobs", "rollout") == "recompute":  # the policy before this update
+            with torch.no_grad():
+                old, _ = vocab_parallel_logprob(logits.detach(), mb["labels"], self.vocab_size, self.tp_group,
+                                                mask=mb["loss_mask"].bool())
         loss_sum, count, sums = grpo_loss_sums(
-            logits, mb["labels"], mb["rollout_logprobs"], mb["ref_logprobs"], mb["advantages"], mb["loss_mask"],
+            logits, mb["labels"], old, mb["ref_logprobs"], mb["advantages"], mb["loss_mask"],
             clip_eps=c.clip_eps, kl_coef=c.kl_coef, aggregation=c.aggregation, vocab_size=self.vocab_size,
             tp_group=self.tp_group,
         )

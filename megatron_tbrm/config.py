@@ -112,6 +112,12 @@ class RolloutSection:
     request_timeout_s: float = 600.0
     max_restarts: int = 3  # consecutive server failures survived (restart + redo the batch)
     save: bool = False  # write every step's trajectories to <run.dir>/rollouts/step_N.jsonl
+    # vLLM's sleep mode, colocated with the trainer: the server sleeps after each rollout (its KV
+    # cache and weights leave the GPU during the update) and wakes before the push. auto: when
+    # the trainer starts the server on GPUs and rollouts do not overlap the update. always: also
+    # when attached (the server must have --enable-sleep-mode); on CPU the calls are made but do
+    # nothing (vLLM refuses the flag there). never. (Not on/off: YAML reads those as booleans.)
+    sleep_mode: Literal["auto", "always", "never"] = "auto"
     weight_sync: WeightSyncSection = field(default_factory=WeightSyncSection)
 
 
@@ -130,6 +136,10 @@ class LossSection:
     clip_eps: float = 0.2
     kl_coef: float = 0.001
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    # PPO's pi_old in the ratio: the sampler's log-probs ("rollout": the off-policy correction
+    # for stale rollouts), or the trainer's own before the update ("recompute", as verl does:
+    # with train.max_staleness > 0 that is the current policy, i.e. no correction)
+    old_logprobs: Literal["rollout", "recompute"] = "rollout"
 
 
 @dataclass

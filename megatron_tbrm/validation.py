@@ -69,6 +69,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"config key 'checkpoint.keep_last': got {cfg.checkpoint.keep_last}; "
                           "must be >= 1 (or null to keep every checkpoint)")
+    if cfg.rollout.sleep_mode == "always" and cfg.train.max_staleness:
+        raise ConfigError(f"config key 'rollout.sleep_mode': 'always' with train.max_staleness={cfg.train.max_staleness}: "
+                          "the server cannot sleep while it generates the next steps' rollouts during the update")
     if cfg.train.max_staleness < 0:
         raise ConfigError(f"config key 'train.max_staleness': got {cfg.train.max_staleness}; must be >= 0")
     if cfg.data.trajectories is not None:

@@ -108,3 +108,38 @@ def test_floats_without_a_dot_are_numbers(good, tmp_path):
         load_config(None, good + ["optim.lr=1e-3x"])
     with pytest.raises(ConfigError, match="config key 'train.steps': got '1e3', expected an integer"):
         load_config(None, good + ["train.steps=1e3"])
+
+
+def _literal_keys(cls, prefix=""):
+    """(dotted key, allowed values) of every Literal-typed field of the schema."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _literal_keys(tp, f"{prefix}{f.name}.")
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) is typing.Literal:
+            yield f"{prefix}{f.name}", typing.get_args(tp)
+        elif args and typing.get_origin(args[0]) is typing.Literal:  # Optional[Literal[...]]
+            yield f"{prefix}{f.name}", typing.get_args(args[0])
+
+
+def test_every_choice_survives_the_command_line():
+    """Each allowed value of each choice key, given as key=value, loads as itself (YAML 1.1 reads
+    on/off/yes/no as booleans: a choice spelled that way could never be selected)."""
+    from megatron_tbrm.config import Config
+
+    keys = list(_literal_keys(Config))
+    assert ("rollout.sleep_mode", ("auto", "always", "never")) in keys
+    for key, values in keys:
+        for v in values:
+            cfg = load_config(None, [f"{key}={v}"])
+            sec, *rest = key.split(".")
+            got = getattr(cfg, sec)
+            for part in rest:
+                got = getattr(got, part)
+            assert got == v, (key, v, got)

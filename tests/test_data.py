@@ -376,6 +376,7 @@ def _trainer_data_on_rank(rank, world_size, overrides, model_dir):
 
     t = Trainer.__new__(Trainer)
     t.cfg, t.is_main, t.tokenizer = load_config(None, overrides), rank == 0, load_tokenizer(model_dir)
+    t.pad_id, t.eot_id = t.tokenizer.pad_token_id, None  # what __init__ sets before the data
     try:
         t._load_data()
     except Exception as e:  # returned, not raised: the other rank's outcome is part of the test

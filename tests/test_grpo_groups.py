@@ -79,3 +79,37 @@ def test_trainer_groups_by_prompt_index():
     # group 0: [1, 0] -> mean 0.5, std 0.7071; group 1: [1, 1, 0] -> mean 2/3, std 0.5774
     assert [s.prompt_index for s in batch.samples] == [0, 1, 1, 0, 1]
     assert [s.advantage for s in batch.samples] == pytest.approx([0.7071, 0.5774, 0.5774, -0.7071, -1.1547], abs=1e-4)
+
+
+def test_grpo_old_logprobs_rollout_vs_recompute():
+    """loss.old_logprobs: "rollout" takes PPO's ratio against the sampler's log-probs (stale
+    samples are clipped), "recompute" against the policy before the update (ratio 1, nothing
+    clipped: the loss is -mean advantage per token). Reference: the formula by hand, fp64."""
+    from types import SimpleNamespace
+
+    from megatron_tbrm.algorithms import make_algorithm
+
+    torch.manual_seed(0)
+    b, s, v = 3, 5, 11
+    logits = torch.randn(b, s, v, dtype=torch.float64)
+    labels = torch.randint(0, v, (b, s))
+    mask = torch.zeros(b, s)
+    mask[:, 2:] = 1.0
+    adv = torch.tensor([1.0, -0.5, 0.25])
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    stale = logp - 0.5  # the sampler's: the policy has since made these tokens e^0.5 likelier
+    mb = {"labels": labels, "loss_mask": mask, "rollout_logprobs": stale.float(), "ref_logprobs": None,
+          "advantages": adv, "rewards": torch.zeros(b)}
+    cfg = dict(name="grpo", clip_eps=0.2, kl_coef=0.0, aggregation="token_mean")
+    n_tok = mask.sum()
+    rec = make_algorithm(SimpleNamespace(**cfg, old_logprobs="recompute"), v, None)
+    loss, count, sums = rec.loss_sums(mb, logits)
+    assert float(loss / count) == pytest.approx(float(-(adv.unsqueeze(1) * mask).sum() / n_tok), abs=1e-6)
+    assert float(sums["clip_fraction"][0]) == 0.0
+    roll = make_algorithm(SimpleNamespace(**cfg, old_logprobs="rollout"), v, None)
+    loss, count, sums = roll.loss_sums(mb, logits)
+    ratio = torch.exp(torch.tensor(0.5, dtype=torch.float64))
+    a = adv.unsqueeze(1)
+    per_tok = torch.maximum(-ratio * a, -ratio.clamp(0.8, 1.2) * a)
+    assert float(loss / count) == pytest.approx(float((per_tok * mask).sum() / n_tok), abs=1e-5)
+    assert float(sums["clip_fraction"][0]) == float(((a > 0).expand(b, s) * mask).sum())  # A > 0 rows clip

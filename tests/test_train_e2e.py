@@ -50,11 +50,14 @@ def train(run_dir: Path, model: Path, data, server, *overrides: str, nproc: int 
 @pytest.fixture(scope="module")
 def tp2_run(tmp_path_factory, tiny_model_dir, data, server):
     run_dir = tmp_path_factory.mktemp("tp2")
+    seen = len(server.log_path.read_text(errors="replace"))
     # The weights go over the collective transport (gloo here, NCCL on GPUs: one code path),
-    # as they reach a vLLM server on other nodes (issue 14 item 3).
+    # as they reach a vLLM server on other nodes (issue 14 item 3). Sleep mode always: on CPU the
+    # server cannot sleep (vLLM refuses --enable-sleep-mode), but the calls are made.
     rows = train(run_dir, tiny_model_dir, data, server, "parallel.tp=2", "train.steps=2", "checkpoint.save_every=1",
                  "rollout.weight_sync.transport=gloo", "rollout.weight_sync.master_address=127.0.0.1",
-                 "rollout.save=true")
+                 "rollout.save=true", "rollout.sleep_mode=always")
+    (run_dir / "server_requests.log").write_text(server.log_path.read_text(errors="replace")[seen:])
     return run_dir, rows
 
 
@@ -78,6 +81,24 @@ def test_tp2_steps_finite_policy_moves_and_server_follows(tp2_run):
     assert (run_dir / "curves.png").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     assert list((run_dir / "tensorboard").iterdir())
+
+
+def test_sleep_mode_calls_come_in_order_around_each_push(tp2_run):
+    """rollout.sleep_mode: the server sleeps after each rollout and wakes before each push. On
+    CPU these calls do nothing (only their order can be checked here, from the server's access
+    log); the memory they free is a GPU effect, for a lent GPU or users to measure."""
+    import re
+
+    run_dir, _ = tp2_run
+    log = (run_dir / "server_requests.log").read_text()
+    events = []
+    for m in re.finditer(r'"POST /(sleep|wake_up|pause|v1/completions)\b', log):
+        name = "generate" if m.group(1) == "v1/completions" else m.group(1)
+        if not (events and events[-1] == name == "generate"):  # a batch of requests is one event
+            events.append(name)
+    # start-up push into the attached server, then per step: rollout, sleep, (update), wake, push;
+    # nothing is generated while the server sleeps
+    assert events == ["wake_up", "pause"] + ["generate", "sleep", "wake_up", "pause"] * 2, events
 
 
 def test_synchronous_batches_come_from_the_policy_being_trained(tp2_run):

@@ -37,6 +37,10 @@ class RolloutManager:
         self.server = self.client = self.sync = self.scorer = None
         self.eval_scorer = None  # its own pool: evaluation may run while a rollout scores (overlap)
         self.version = 0  # optimizer steps in the weights the server holds (set after each push)
+        r = cfg.rollout
+        # sleep after each rollout, wake before each push (rollout.sleep_mode)
+        self.sleep_mode = r.sleep_mode == "always" or (
+            r.sleep_mode == "auto" and torch.cuda.is_available() and not r.server_url and not cfg.train.max_staleness)
         self.failures = 0  # server failures in a row
         self._last_failure: Optional[tuple[int, Optional[str]]] = None
 
@@ -63,6 +67,7 @@ class RolloutManager:
                 self.cfg.model.path, host=r.host, port=r.port or None, dtype=VLLM_DTYPES.get(dtype, dtype),
                 max_model_len=r.max_model_len, kv_cache_bytes=r.kv_cache_bytes, max_num_seqs=r.max_num_seqs,
                 tensor_parallel_size=r.tensor_parallel_size, seed=self.cfg.parallel.seed, extra_args=extra,
+                enable_sleep_mode=self.sleep_mode and torch.cuda.is_available(),
                 work_dir=self.run_dir / "vllm",
             )
             log.info(f"starting vLLM server on {self.server.url} (log: {self.server.log_path})")
@@ -186,6 +191,8 @@ class RolloutManager:
             return ServerRestarted(step, failure[1])
         self.failures = 0
         algorithm.prepare(batch)
+        if self.sleep_mode:
+            self.server.sleep(level=1)  # until the push: the update gets the GPU memory
         return batch
 
     def push(self, named: Iterable) -> dict:
@@ -193,6 +200,8 @@ class RolloutManager:
         because our own server died leaves it to the next rollout to restart the server and
         push again; the export is still drained (the other ranks are in its gathers)."""
         try:
+            if self.sleep_mode:
+                self.server.wake_up()
             return self.sync.push(named)
         except RolloutServerError as e:
             if self.attached or not self.server.dies_within(10.0):

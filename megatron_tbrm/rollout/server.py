@@ -158,6 +158,7 @@ class VLLMServer:
         seed: int = 0,
         served_model_name: str | None = None,
         enforce_eager: bool | None = None,
+        enable_sleep_mode: bool = False,
         extra_args: list[str] | dict[str, Any] | None = None,
         work_dir: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
@@ -174,6 +175,7 @@ class VLLMServer:
         self.seed = seed
         self.model_name = served_model_name or self.model
         self.enforce_eager = enforce_eager
+        self.enable_sleep_mode = enable_sleep_mode  # GPUs only: vLLM refuses the flag on CPU
         self.extra_args = extra_args
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="vllm-server-"))
         self.log_path = self.work_dir / "server.log"
@@ -233,6 +235,8 @@ class VLLMServer:
             cmd += ["--max-num-seqs", str(self.max_num_seqs)]
         if enforce_eager:
             cmd.append("--enforce-eager")
+        if self.enable_sleep_mode:
+            cmd.append("--enable-sleep-mode")
         if not _cuda_available():
             cmd += cpu_scheduler_args(self.model, self.max_model_len)
         return cmd + _cli_args(self.extra_args)
@@ -416,6 +420,14 @@ class VLLMServer:
 
     def resume(self) -> None:
         self.post("/resume")
+
+    def sleep(self, level: int = 1) -> None:
+        """Give GPU memory back (level 1: weights to CPU RAM, KV cache dropped); needs a server
+        started with --enable-sleep-mode (on CPU, where vLLM refuses the flag, a no-op)."""
+        self.post("/sleep", params={"level": level})
+
+    def wake_up(self) -> None:
+        self.post("/wake_up")
 
     def reset_prefix_cache(self) -> bool:
         return bool(self.post("/reset_prefix_cache")["success"])
