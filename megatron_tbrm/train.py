@@ -15,7 +15,6 @@ import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,18 +29,6 @@ log = get_logger(__name__)
 
 class TrainingStopped(RuntimeError):
     """The run cannot continue (e.g. repeated non-finite losses); the last good state was saved."""
-
-
-@dataclass
-class _DataLoaded:  # rank 0 -> every rank after loading the prompts
-    sampler_state: dict
-    stats: dict
-    trajectory_sampler_state: Optional[dict] = None
-
-
-@dataclass
-class _DataFailed:
-    error: str
 
 
 class Trainer:
@@ -107,33 +94,17 @@ class Trainer:
     # ------------------------------------------------------------------ lifecycle
 
     def _load_data(self) -> None:
-        """Only rank 0 reads, templates and tokenizes the prompts (and the evaluation set): it
-        samples every step and broadcasts the step's batch. The other ranks hold a
-        MirroredSampler with rank 0's sampler state (sent here, then with every step), so a
-        checkpoint records rank 0's position from any rank. A loading error on rank 0 reaches
-        every rank (no rank is left waiting in the broadcast)."""
-        from .data import MirroredSampler, load_training_data
+        """Rank 0 loads the data and samples every step (data.load_on_rank0); the other ranks
+        mirror its sampler state, so a checkpoint records rank 0's position from any rank."""
+        from .data import MirroredSampler, load_on_rank0
 
-        msg: list[Any] = [None]
-        self.data = None
-        if self.is_main:
-            try:
-                self.data = load_training_data(self.cfg, self.tokenizer, self.pad_id, self.eot_id)
-            except Exception as e:
-                dist.broadcast_object_list([_DataFailed(f"{type(e).__name__}: {e}")], src=0)
-                raise
-            d = self.data
-            msg = [_DataLoaded(d.sampler.state_dict() if d.sampler else {}, d.stats,
-                               d.trajectory_sampler.state_dict() if d.trajectory_sampler else None)]
-        dist.broadcast_object_list(msg, src=0)
-        if isinstance(msg[0], _DataFailed):
-            raise RuntimeError(f"rank 0 could not load the data: {msg[0].error}")
-        self.data_stats = msg[0].stats
-        self.sampler = self.data.sampler if self.is_main and self.data.sampler else MirroredSampler(msg[0].sampler_state or None)
+        self.data, loaded = load_on_rank0(self.cfg, self.tokenizer, self.pad_id, self.eot_id, self.is_main)
+        self.data_stats = loaded.stats
+        self.sampler = self.data.sampler if self.is_main and self.data.sampler else MirroredSampler(loaded.sampler_state or None)
         self.eval_items = self.data.eval_items if self.is_main else None
         # The data position of the last TRAINED batch, saved in checkpoints (rank 0's samplers
         # run ahead of it with overlapped rollouts).
-        self.position = {"sampler": msg[0].sampler_state, "trajectory_sampler": msg[0].trajectory_sampler_state}
+        self.position = {"sampler": loaded.sampler_state, "trajectory_sampler": loaded.trajectory_sampler_state}
 
     def _resume(self) -> None:
         from .checkpoint import latest_checkpoint, load_checkpoint

@@ -40,14 +40,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def validate(args: argparse.Namespace):
     """Everything that can be checked without megatron-core, on the launching process.
     Returns the ModelConfig."""
-    from megatron_tbrm.hf_mapping import HFWeights
+    from megatron_tbrm.hf_mapping import HFWeights, check_hf_weights
     from megatron_tbrm.model import ModelConfig
 
     cfg = ModelConfig.from_hf(args.hf_dir)
     cfg.dtype = args.dtype or _HF_DTYPES.get(cfg.hf_config.get("torch_dtype") or cfg.hf_config.get("dtype"), "fp32")
     check_layout_and_out(args, cfg)
     with HFWeights(args.hf_dir) as weights:
-        weights.check(cfg)
+        check_hf_weights(weights, cfg)
     return cfg
 
 

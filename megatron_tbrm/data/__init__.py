@@ -23,7 +23,7 @@ from .prompts import (DAPO_INSTRUCTION_PREFIX, DAPO_INSTRUCTION_SUFFIX, SYSTEM_P
 from .rows import BadRow, PathLike, get_field, read_rows
 from .sampler import MirroredSampler, PromptSampler
 
-__all__ = ["BadRow", "DAPO_INSTRUCTION_PREFIX", "DAPO_INSTRUCTION_SUFFIX", "LoadStats", "MirroredSampler", "PathLike",
+__all__ = ["BadRow", "DataLoadFailed", "DataLoaded", "load_on_rank0", "DAPO_INSTRUCTION_PREFIX", "DAPO_INSTRUCTION_SUFFIX", "LoadStats", "MirroredSampler", "PathLike",
            "PromptDataset", "PromptItem", "PromptSampler", "SYSTEM_PROMPT", "TrainingData", "check_prompt_fields",
            "get_field", "load_eval_items", "load_tokenizer", "load_training_data", "read_rows", "resolve_eval_fields",
            "strip_dapo_instruction", "to_messages"]
@@ -91,3 +91,41 @@ def load_training_data(cfg, tokenizer: Any, pad_id: int = 0, eot_id: Optional[in
                  f"samples ({ts.bad} bad: {ts.reasons}); {from_files} per step, {fresh} fresh prompts per step")
         data.stats.update(trajectory_rows=float(ts.rows), trajectory_rows_skipped=float(ts.bad))
     return data
+
+
+@dataclasses.dataclass
+class DataLoaded:
+    """What every rank learns from rank 0's load: sampler positions and load counts."""
+
+    sampler_state: dict
+    stats: dict
+    trajectory_sampler_state: Optional[dict] = None
+
+
+@dataclasses.dataclass
+class DataLoadFailed:
+    error: str
+
+
+def load_on_rank0(cfg, tokenizer: Any, pad_id: int, eot_id: Optional[int],
+                  is_main: bool) -> tuple[Optional[TrainingData], DataLoaded]:
+    """Only rank 0 reads, templates and tokenizes the prompts (load_training_data) and
+    broadcasts the sampler positions and counts; (rank 0's TrainingData or None, DataLoaded) on
+    every rank. A loading error on rank 0 reaches every rank as RuntimeError (no rank is left
+    waiting in the broadcast); rank 0 raises its own."""
+    import torch.distributed as dist
+
+    msg: list[Any] = [None]
+    data = None
+    if is_main:
+        try:
+            data = load_training_data(cfg, tokenizer, pad_id, eot_id)
+        except Exception as e:
+            dist.broadcast_object_list([DataLoadFailed(f"{type(e).__name__}: {e}")], src=0)
+            raise
+        msg = [DataLoaded(data.sampler.state_dict() if data.sampler else {}, data.stats,
+                          data.trajectory_sampler.state_dict() if data.trajectory_sampler else None)]
+    dist.broadcast_object_list(msg, src=0)
+    if isinstance(msg[0], DataLoadFailed):
+        raise RuntimeError(f"rank 0 could not load the data: {msg[0].error}")
+    return data, msg[0]
