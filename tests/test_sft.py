@@ -176,7 +176,7 @@ def test_warm_start_stops_inside_the_band_of_the_held_out_probe(tiny_model_dir, 
     assert steps == list(range(0, res["steps"] + 1, 5))  # step 0, then every 5 steps
     assert 0.25 <= accs[-1] <= 0.6 and all(a < 0.25 for a in accs[:-1])  # the first probe in band
     assert res["steps"] < 200 and res["probe_accuracy"] == accs[-1]
-    assert "held-out probe greedy exact match" in proc.stdout
+    assert "held-out probe greedy exact match" in proc.stdout + proc.stderr  # logged (stderr)
 
     # The number is what greedy decoding of the written model gets on the probe problems.
     from transformers import AutoTokenizer
