@@ -119,7 +119,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     for key in ("data.eval_path", "eval.path"):
         sec, name = key.split(".")
         p = getattr(getattr(cfg, sec), name)
-        if p is not None and not Path(p).is_file():
+        if cfg.eval.every and p is not None and not Path(p).is_file():  # read only when evaluating
             raise ConfigError(f"config key '{key}': file not found: {p}")
     from .data import check_prompt_fields, resolve_eval_fields
 

@@ -50,11 +50,20 @@ def test_good_config_validates(good):
         (["parallel.pp=3"], 3, r"'parallel.pp': 3 pipeline stages \(3 x 1 virtual\) do not divide num_hidden_layers=2"),
         (["loss.name=grpo"], 1, r"'rollout.n': got 1; loss.name=grpo needs n >= 2"),
         (["model.fp8=hybrid"], 1, r"fp8='hybrid' needs a GPU"),
+        (["eval.every=5", "eval.path=/nonexistent.jsonl"], 1, r"'eval.path': file not found: /nonexistent.jsonl"),
+        (["train.max_staleness=1", "rollout.sleep_mode=always"], 1, r"'rollout.sleep_mode': 'always' with train.max"),
+        (["data.trajectories=/nonexistent/*.jsonl"], 1, r"'data.trajectories': no trajectory files"),
+        (["data.trajectories=/tmp", "loss.name=grpo", "rollout.n=4"], 1, r"off-policy data is for loss.name=tbrm"),
     ],
 )
 def test_bad_config_names_key_and_value(good, overrides, world, match):
     with pytest.raises(ConfigError, match=match) if "fp8" not in overrides[0] else pytest.raises(ValueError, match=match):
         validate(load_config(None, good + overrides), world_size=world)
+
+
+def test_eval_files_are_checked_only_when_evaluating(good):
+    """eval.every=0 reads no evaluation file: a recipe's eval.path that is not there is fine."""
+    validate(load_config(None, good + ["eval.every=0", "eval.path=/nonexistent.jsonl"]), world_size=1)
 
 
 def test_yaml_file_errors(tmp_path):
