@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test bench clean
 
 venv:
 	@bash tools/setup_venv.sh

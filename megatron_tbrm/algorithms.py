@@ -125,7 +125,7 @@ class GRPO(Algorithm):
     def loss_sums(self, mb, logits):
         c = self.cfg
         old = mb["rollout_logprobs"]
-        if getattr(c, "old_logprobs", "rollout") == "recompute":  # the policy before this update
+        if c.old_logprobs == "recompute":  # the policy before this update
             with torch.no_grad():
                 old, _ = vocab_parallel_logprob(logits.detach(), mb["labels"], self.vocab_size, self.tp_group,
                                                 mask=mb["loss_mask"].bool())

@@ -33,9 +33,8 @@ class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         name = record.name.removeprefix(_PACKAGE + ".").removesuffix(".__main__")
         tag = name if self.rank == 0 else f"{name} rank {self.rank}"
-        msg = f"[{tag}] {record.getMessage()}"
-        if record.levelno >= logging.WARNING:
-            msg = f"[{tag}] {record.levelname}: {record.getMessage()}"
+        level = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
+        msg = f"[{tag}] {level}{record.getMessage()}"
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)
         return msg

@@ -77,8 +77,8 @@ class Trainer:
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         r = cfg.rollout
-        self.stop_token_ids = r.stop_token_ids if r.stop_token_ids is not None else end_of_turn_token_ids(tok)
         eot = end_of_turn_token_ids(tok)
+        self.stop_token_ids = r.stop_token_ids if r.stop_token_ids is not None else eot
         self.eot_id = eot[0] if eot else tok.eos_token_id
         self._load_data()
 
@@ -136,11 +136,11 @@ class Trainer:
     def train_step(self) -> dict:
         """One step: rollout + reward (rank 0, broadcast) -> reference log-probs -> update ->
         weight push. Returns the step's metrics (global means)."""
-        from .rollout.batch import RolloutBatch
+        from .rollout.batch import ServerRestarted
 
         t0 = time.perf_counter()
         batch = self._broadcast_rollout()
-        while not isinstance(batch, RolloutBatch):  # ServerRestarted: give it the policy, redo
+        while isinstance(batch, ServerRestarted):  # give the restarted server the policy, redo
             self.push_weights(self.step)
             batch = self._broadcast_rollout()
         if not self.is_main and batch.sampler_state:

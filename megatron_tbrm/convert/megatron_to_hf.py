@@ -143,7 +143,9 @@ def convert(args: argparse.Namespace, ckpt: Path, cfg) -> None:
     expected = expected_hf_shapes(cfg)
     # One dtype for the folder: mcore keeps some parameters (local-spec norms) in fp32 under bf16.
     out_dtype = DTYPES[args.dtype or cfg.dtype]
-    bar = tqdm(total=len(expected), desc="export", unit="tensor", disable=ps.rank != 0)
+    from megatron_tbrm.log import on_terminal
+
+    bar = tqdm(total=len(expected), desc="export", unit="tensor", disable=ps.rank != 0 or not on_terminal())
     for name, tensor in export_hf_weights(chunks, cfg):
         if tuple(tensor.shape) != expected.get(name):
             raise WeightsError(f"exported {name!r} has shape {list(tensor.shape)}, config.json implies {expected.get(name)}")

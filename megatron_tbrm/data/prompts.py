@@ -288,7 +288,3 @@ def load_eval_items(path: PathLike, tokenizer: Any, prompt_key: Optional[str] = 
     prompt_key, answer_key = resolve_eval_fields(path, prompt_key, answer_key)
     bench = get_benchmark(str(path)).with_overrides(prompt_key=prompt_key, answer_key=answer_key)
     return load_benchmark(bench, tokenizer, limit=limit, system_prompt=system_prompt)
-
-
-# ---------------------------------------------------------------------------------------
-# The synthetic arithmetic task

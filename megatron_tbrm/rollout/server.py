@@ -29,6 +29,7 @@ from typing import Any
 import requests
 
 from megatron_tbrm.ports import free_port, port_in_use
+from megatron_tbrm.rollout.server_args import cpu_scheduler_args, cuda_available, extra_cli_args
 from megatron_tbrm.rollout.process import die_with_parent, group_alive, signal_group
 
 WORKER_EXTENSION = "megatron_tbrm.rollout.worker_extension.WeightReceiver"
@@ -55,50 +56,6 @@ def first_exception(log_text: str) -> str | None:
 
 class RolloutServerError(RuntimeError):
     """The rollout server failed: did not start, died, or answered with an error."""
-
-
-def _cli_args(extra: list[str] | dict[str, Any] | None) -> list[str]:
-    """Extra vLLM CLI args: a list is passed as is; a dict maps "flag" -> value, where
-    True means a bare flag and False/None leave the flag out."""
-    if extra is None:
-        return []
-    if isinstance(extra, (list, tuple)):
-        return [str(a) for a in extra]
-    out: list[str] = []
-    for key, value in extra.items():
-        flag = key if key.startswith("--") else "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is not None and value is not False:
-            out += [flag, str(value)]
-    return out
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def cpu_scheduler_args(model: str | os.PathLike, max_model_len: int | None) -> list[str]:
-    """vLLM CLI args that keep the CPU engine alive under seeded sampling.
-
-    With chunked prefill, a prompt that does not fit the step's batched-token budget is
-    prefilled over several scheduler steps; vLLM samples a token for it on each partial step,
-    discards it and rewinds the request's generator with `Generator.set_offset`, which CPU
-    generators lack: `RuntimeError: CPU Generator does not use offset` kills the engine
-    (vllm/v1/worker/gpu_model_runner.py, 0.32). Without chunked prefill every prompt is
-    prefilled in one step, nothing is discarded, and per-request seeds stay reproducible.
-    vLLM then needs a budget of at least max_model_len tokens per step."""
-    if max_model_len is None:
-        import json
-
-        try:
-            cfg = json.loads((Path(model) / "config.json").read_text())
-            max_model_len = int(cfg.get("max_position_embeddings") or 0) or None
-        except (OSError, ValueError):
-            max_model_len = None
-    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len or 0, 4096))]
 
 
 # Servers this process owns, stopped on SIGTERM/SIGHUP and at exit.
@@ -215,7 +172,7 @@ class VLLMServer:
     def command(self) -> list[str]:
         enforce_eager = self.enforce_eager
         if enforce_eager is None:  # CUDA graphs are a GPU feature; eager is what CPU runs
-            enforce_eager = not _cuda_available()
+            enforce_eager = not cuda_available()
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model,
@@ -237,9 +194,9 @@ class VLLMServer:
             cmd.append("--enforce-eager")
         if self.enable_sleep_mode:
             cmd.append("--enable-sleep-mode")
-        if not _cuda_available():
+        if not cuda_available():
             cmd += cpu_scheduler_args(self.model, self.max_model_len)
-        return cmd + _cli_args(self.extra_args)
+        return cmd + extra_cli_args(self.extra_args)
 
     def start(self) -> "VLLMServer":
         """Start the server process (returns at once; see wait_healthy)."""
