@@ -218,10 +218,19 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def samples_per_step(self) -> tuple[int, int]:
+        """(fresh prompts, trajectory-file samples) per step: data.trajectory_fraction of
+        train.prompts_per_step prompts' worth of samples (x rollout.n) come from the files."""
+        total = self.train.prompts_per_step
+        if not self.data.trajectories:
+            return total, 0
+        from_files = max(1, round(self.data.trajectory_fraction * total))
+        return total - from_files, from_files * self.rollout.n
+
     @property
     def fresh_rollouts(self) -> bool:
         """False when every sample comes from data.trajectories: no prompts, no vLLM server."""
-        return not (self.data.trajectories and self.data.trajectory_fraction >= 1.0)
+        return self.samples_per_step()[0] > 0
 
 
 # ----------------------------------------------------------------------------- loading

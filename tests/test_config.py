@@ -152,3 +152,18 @@ def test_every_choice_survives_the_command_line():
             for part in rest:
                 got = getattr(got, part)
             assert got == v, (key, v, got)
+
+
+def test_fresh_rollouts_follow_the_step_split(good, tmp_path):
+    """Whether a server runs is decided by the same split that sizes the prompt sampler: a
+    fraction that rounds every sample to the files (0.99 of 8) runs no server and asks for no
+    prompts (it used to start one whose sampler drew nothing)."""
+    traj = tmp_path / "t.jsonl"
+    traj.write_text('{"prompt": "What is 1 + 1?", "response": "2", "reward": 1.0}\n')
+    base = good + [f"data.trajectories={traj}", "train.prompts_per_step=8"]
+    cfg = load_config(None, base + ["data.trajectory_fraction=0.99"])
+    assert cfg.samples_per_step() == (0, 8) and not cfg.fresh_rollouts
+    cfg = load_config(None, base + ["data.trajectory_fraction=0.5"])
+    assert cfg.samples_per_step() == (4, 4) and cfg.fresh_rollouts
+    cfg = load_config(None, good + ["train.prompts_per_step=8"])
+    assert cfg.samples_per_step() == (8, 0) and cfg.fresh_rollouts

@@ -44,16 +44,6 @@ class TrainingData:
     trajectory_sampler: Optional["PromptSampler"] = None
 
 
-def samples_per_step(cfg) -> tuple[int, int]:
-    """(fresh prompts, trajectory-file samples) per step: data.trajectory_fraction of
-    train.prompts_per_step prompts' worth of samples (x rollout.n) come from the files."""
-    total = cfg.train.prompts_per_step
-    if not cfg.data.trajectories:
-        return total, 0
-    from_files = max(1, round(cfg.data.trajectory_fraction * total))
-    return total - from_files, from_files * cfg.rollout.n
-
-
 def load_training_data(cfg, tokenizer: Any, pad_id: int = 0, eot_id: Optional[int] = None) -> TrainingData:
     """The `data` and `eval` sections of a Config -> TrainingData (rank 0 only in the trainer).
     Evaluation prompts longer than data.max_prompt_tokens are skipped with a warning."""
@@ -61,7 +51,7 @@ def load_training_data(cfg, tokenizer: Any, pad_id: int = 0, eot_id: Optional[in
 
     log = get_logger(__name__)
     d, e = cfg.data, cfg.eval
-    fresh, from_files = samples_per_step(cfg)
+    fresh, from_files = cfg.samples_per_step()
     data = TrainingData(None, None, None, {})
     if fresh:
         data.dataset = PromptDataset(d.train_path, tokenizer, d.prompt_key, d.answer_key, d.system_prompt,
