@@ -124,11 +124,8 @@ class GRPO(Algorithm):
 
     def loss_sums(self, mb, logits):
         c = self.cfg
-        old = mb["rollout_logprobs"]
-        if c.old_logprobs == "recompute":  # the policy before this update
-            with torch.no_grad():
-                old, _ = vocab_parallel_logprob(logits.detach(), mb["labels"], self.vocab_size, self.tp_group,
-                                                mask=mb["loss_mask"].bool())
+        # "recompute": None, the ratio against the policy before this update (grpo_loss_sums)
+        old = mb["rollout_logprobs"] if c.old_logprobs == "rollout" else None
         loss_sum, count, sums = grpo_loss_sums(
             logits, mb["labels"], old, mb["ref_logprobs"], mb["advantages"], mb["loss_mask"],
             clip_eps=c.clip_eps, kl_coef=c.kl_coef, aggregation=c.aggregation, vocab_size=self.vocab_size,

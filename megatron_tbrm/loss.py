@@ -250,7 +250,7 @@ def grpo_advantages_by_prompt(
 def grpo_loss_sums(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    rollout_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -268,7 +268,9 @@ def grpo_loss_sums(
     PPO's pi_old with one update per batch) and k3 = exp(ref - logp) - (ref - logp) - 1.
     token_mean: loss_sum over response tokens, count = response tokens.
     seq_mean: each sequence's tokens averaged first, count = sequences.
-    ref_logprobs may be None when kl_coef == 0 (then no KL metric).
+    ref_logprobs may be None when kl_coef == 0 (then no KL metric). rollout_logprobs None: the
+    ratio is taken against this policy's own log-probs, detached (verl's recomputed old
+    log-probs: ratio 1, no off-policy correction).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r}, expected one of {AGGREGATIONS}")
@@ -282,6 +284,8 @@ def grpo_loss_sums(
     mask, logprob, _ = _per_token_logprobs(
         logits, labels, loss_mask, vocab_size, tp_group, chunk_size
     )
+    if rollout_logprobs is None:
+        rollout_logprobs = logprob.detach()
     _check_shape("rollout_logprobs", rollout_logprobs, tuple(mask.shape))
     _check_finite("rollout_logprobs", rollout_logprobs, mask)
     zero = torch.zeros_like(logprob)
