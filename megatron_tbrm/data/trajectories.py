@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..rollout.batch import Sample
+from .prompts import to_messages
 from .rows import BadRow, read_rows
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -53,9 +55,6 @@ class TrajectoryDataset:
 
     def __init__(self, spec: str, tokenizer: Any, pad_id: int, system_prompt: Optional[str] = None,
                  eot_id: Optional[int] = None, max_tokens: Optional[int] = None):
-        from ..rollout.batch import Sample
-        from .prompts import to_messages
-
         self.files = resolve_trajectory_files(spec)
         self.stats = TrajectoryStats()
         self.samples: list[Sample] = []
@@ -65,7 +64,7 @@ class TrajectoryDataset:
                 try:
                     if isinstance(row, BadRow):
                         raise row
-                    sample = self._sample(row, index, tokenizer, pad_id, system_prompt, eot_id, to_messages, Sample)
+                    sample = self._sample(row, index, tokenizer, pad_id, system_prompt, eot_id)
                     if max_tokens is not None and len(sample.tokens) > max_tokens:
                         raise BadRow(f"longer than {max_tokens} tokens")
                 except (BadRow, KeyError, TypeError, ValueError) as e:
@@ -79,7 +78,7 @@ class TrajectoryDataset:
                              f"({self.stats.rows} rows; bad: {self.stats.reasons})")
 
     @staticmethod
-    def _sample(row: dict, index: int, tok, pad_id, system_prompt, eot_id, to_messages, Sample):
+    def _sample(row: dict, index: int, tok, pad_id, system_prompt, eot_id) -> Sample:
         reward = float(row["reward"])
         if not math.isfinite(reward):
             raise BadRow(f"non-finite reward {reward}")
