@@ -7,6 +7,7 @@ the layer spec is Transformer Engine's when TE is importable and a GPU is presen
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass, field
@@ -216,7 +217,46 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: Optional[int] = 
     )
 
 
+def block_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[1, 1, T, T] bool, True where attention is NOT allowed: a position sees the earlier
+    positions of its own segment only (segments [cu_seqlens[i], cu_seqlens[i+1]), T =
+    cu_seqlens[-1]). megatron-core's masks mark excluded entries True (attention_mask_func)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().cpu()
+    segment = torch.repeat_interleave(torch.arange(lengths.numel()), lengths).to(cu_seqlens.device)
+    t = segment.numel()
+    future = torch.ones(t, t, dtype=torch.bool, device=cu_seqlens.device).triu(1)
+    return (future | (segment[:, None] != segment[None, :]))[None, None]
+
+
+@functools.cache
+def _packed_attention_class():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class PackedDotProductAttention(DotProductAttention):
+        """The local spec's attention, also over THD-packed rows (microbatches.pack).
+
+        megatron-core's DotProductAttention refuses PackedSeqParams. With them, SelfAttention
+        hands over q, k, v as [t, heads, dim] with RoPE already applied per segment; this
+        runs the ordinary attention on them as one row (b = 1) with a block-diagonal causal
+        mask, so each trajectory attends to itself only, and returns [t, 1, hidden] (what
+        SelfAttention reshapes THD output to). Without PackedSeqParams: unchanged."""
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            if packed_seq_params is None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"packed rows need qkv_format='thd', got {packed_seq_params.qkv_format!r}")
+            mask = block_causal_mask(packed_seq_params.cu_seqlens_q)
+            return super().forward(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask, attn_mask_type,
+                                   attention_bias)
+
+    return PackedDotProductAttention
+
+
 def layer_spec(cfg: ModelConfig):
+    """Transformer Engine's spec (it takes THD-packed rows itself), or the local spec with
+    `PackedDotProductAttention` so that it takes them too."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -224,7 +264,9 @@ def layer_spec(cfg: ModelConfig):
 
     if use_te(cfg):
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = _packed_attention_class()
+    return spec
 
 
 def build_model(
