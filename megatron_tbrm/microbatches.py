@@ -8,8 +8,8 @@
 - packed (B and `train.pack_sequences`): each micro-batch is ONE row [1, T], T <= B, holding
   several trajectories end to end. Attention stays inside each trajectory through
   `cu_seqlens` (megatron-core's THD `PackedSeqParams`, which `Engine` passes to the model:
-  Transformer Engine's attention on GPUs, `model.PackedDotProductAttention`'s block-diagonal
-  causal mask with the local spec); RoPE positions restart at 0 per trajectory (megatron-core
+  Transformer Engine's attention on GPUs, `model.PackedDotProductAttention` (a block-diagonal
+  causal mask, one block at a time) with the local spec); RoPE positions restart at 0 per trajectory (megatron-core
   applies RoPE per `cu_seqlens` segment); `sequence_ids` names each position's trajectory, so
   the losses (loss.py) keep V(s_1), the log-ratio sums and every metric per trajectory.
   Per-trajectory tensors (rewards, advantages, on_policy) are [n] in both budget layouts.

@@ -1,7 +1,8 @@
 """Micro-batch layouts (megatron_tbrm/microbatches.py) without processes: the token-budget plan
 (every trajectory once, none split, under the budget, the same number of micro-batches on every
-DP rank), the packed row's tensors and THD PackedSeqParams, and the local spec's block-diagonal
-causal mask, each against values written out here. The GPU path (Transformer Engine's THD
+DP rank), the packed row's tensors and THD PackedSeqParams against values written out here, and
+the local spec's packed attention against fp64 attention under a block-diagonal causal mask (in
+one gloo process: megatron-core needs its parallel state). The GPU path (Transformer Engine's THD
 attention) cannot run on this machine; only the parameters it receives are checked."""
 
 from __future__ import annotations
@@ -112,13 +113,38 @@ def test_packed_seq_params_for_thd():
     assert packed_seq_params({"tokens": mb["tokens"]}) is None  # padded rows: no THD
 
 
-def test_block_causal_mask():
-    from megatron_tbrm.model import block_causal_mask
+def _packed_attention(rank: int, world: int, q, k, v, cu):
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
 
-    cu = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
-    seg = [0, 0, 0, 1, 2, 2]
-    want = torch.tensor([[not (seg[q] == seg[k] and k <= q) for k in range(6)] for q in range(6)])
-    assert torch.equal(block_causal_mask(cu), want[None, None])
+    from megatron_tbrm.model import ModelConfig, _packed_attention_class, transformer_config
+    from megatron_tbrm.parallel import init_distributed
+
+    init_distributed(seed=0)  # megatron-core's parallel state and RNG tracker in this gloo process
+    cfg = ModelConfig(family="qwen2", vocab_size=128, hidden_size=128, num_layers=1, num_attention_heads=4,
+                      num_kv_heads=2, ffn_hidden_size=128, max_position_embeddings=64)
+    attn = _packed_attention_class()(transformer_config(cfg, 1, 1), layer_number=1, attn_mask_type=AttnMaskType.causal,
+                                      attention_type="self")
+    p = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=9, max_seqlen_kv=9)
+    return attn(q, k, v, None, attn_mask_type=AttnMaskType.causal, packed_seq_params=p)
+
+
+def test_local_packed_attention_is_block_diagonal_causal():
+    """model.PackedDotProductAttention on THD q, k, v [t, heads, dim] (GQA: 4 query heads, 2 KV
+    heads) against softmax attention in fp64 under the row's block-diagonal causal mask."""
+    from _dist import run_distributed
+
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 6, 15, 16], dtype=torch.int32)  # segments of 5, 1, 9 and 1 positions
+    q, k, v = torch.randn(16, 4, 32, generator=g), torch.randn(16, 2, 32, generator=g), torch.randn(16, 2, 32, generator=g)
+    (got,) = run_distributed(_packed_attention, 1, q, k, v, cu)
+    seg = torch.repeat_interleave(torch.arange(4), cu.diff().long())
+    allowed = (seg[:, None] == seg[None, :]) & torch.ones(16, 16, dtype=torch.bool).tril()
+    kk, vv = k.double().repeat_interleave(2, dim=1), v.double().repeat_interleave(2, dim=1)  # query head h uses KV h // 2
+    scores = torch.einsum("qhd,khd->hqk", q.double(), kk) / 32 ** 0.5
+    want = torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), vv)
+    assert got.shape == (16, 1, 128)
+    torch.testing.assert_close(got.double().view(16, 4, 32), want, rtol=1e-5, atol=1e-6)
 
 
 def test_build_keeps_every_trajectory_and_counts_tokens():
