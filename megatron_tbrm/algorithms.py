@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from .log import get_logger
-from .loss import grpo_advantages_by_prompt, grpo_loss_sums, tbrm_loss_sums
+from .loss import grpo_advantages_by_prompt, grpo_loss_sums, tbrm_loss_sums, trajectories
 from .vocab_parallel import ProcessGroup, vocab_parallel_logprob
 
 if TYPE_CHECKING:
@@ -84,8 +84,7 @@ class TBRM(Algorithm):
         def collect(mb, logits):
             _, lse = vocab_parallel_logprob(logits, mb["labels"], self.vocab_size, self.tp_group,
                                             mask=mb["loss_mask"].bool())
-            first = mb["loss_mask"].argmax(dim=1)
-            v = lse.gather(1, first.unsqueeze(1)).squeeze(1)
+            v = trajectories(mb["loss_mask"], mb.get("sequence_ids"), mb["rewards"].numel()).first(lse)
             n = torch.tensor(float(v.numel()), dtype=torch.float64)
             return {"v": torch.stack([v.sum().double(), n]),
                     "target": torch.stack([mb["rewards"].sum().double() / beta, n])}
@@ -102,7 +101,7 @@ class TBRM(Algorithm):
     def loss_sums(self, mb, logits):
         return tbrm_loss_sums(logits, mb["labels"], mb["ref_logprobs"], mb["rewards"], mb["loss_mask"],
                               self.cfg.beta, vocab_size=self.vocab_size, tp_group=self.tp_group,
-                              v_offset=self.v_offset)
+                              v_offset=self.v_offset, sequence_ids=mb.get("sequence_ids"))
 
     def state_dict(self):
         return {"v_offset": self.v_offset}
@@ -129,7 +128,7 @@ class GRPO(Algorithm):
         loss_sum, count, sums = grpo_loss_sums(
             logits, mb["labels"], old, mb["ref_logprobs"], mb["advantages"], mb["loss_mask"],
             clip_eps=c.clip_eps, kl_coef=c.kl_coef, aggregation=c.aggregation, vocab_size=self.vocab_size,
-            tp_group=self.tp_group,
+            tp_group=self.tp_group, sequence_ids=mb.get("sequence_ids"),
         )
         r = mb["rewards"]
         sums["reward_mean"] = torch.tensor([r.sum().item(), r.numel()], dtype=torch.float64)

@@ -159,7 +159,14 @@ class OptimSection:
 class TrainSection:
     steps: int = 760
     prompts_per_step: int = 128
-    micro_batch_size: int = 4
+    micro_batch_size: int = 4  # rows per micro-batch when max_tokens_per_microbatch is null
+    # Micro-batches of at most this many positions (rows x padded length, or a packed row's
+    # length) instead of micro_batch_size rows: every trajectory of the step is trained, each
+    # DP rank runs the same number of micro-batches (microbatches.py). null: fixed rows.
+    max_tokens_per_microbatch: Optional[int] = None
+    # Several trajectories end to end in one row of up to max_tokens_per_microbatch positions,
+    # attention confined to each (THD PackedSeqParams; needs max_tokens_per_microbatch).
+    pack_sequences: bool = False
     ref_offload: bool = False  # keep the frozen reference model on CPU between uses
     max_bad_steps: int = 3  # non-finite losses in a row before the run stops
     # Rollouts for the next max_staleness steps are generated while the current update runs

@@ -137,6 +137,9 @@ def _patch_megatron() -> None:
     from megatron.core.pipeline_parallel import p2p_communication
 
     p2p_communication._batched_p2p_ops = _tagged_batched_p2p_ops
+    # The same for the shapes sent ahead of activations whose shapes vary within a step
+    # (variable_seq_lengths: token-budget and packed micro-batches with PP > 1).
+    p2p_communication.P2PCommunicator._communicate_shapes = _tagged_communicate_shapes
 
     # The causal mask is built with a literal device="cuda". In the forward the mode above
     # redirects it; recomputation (model.recompute) re-runs the forward inside autograd's
@@ -172,6 +175,25 @@ def _tagged_batched_p2p_ops(
         if tensor is not None:
             ops.append(dist.P2POp(op, tensor, peer, group, tag))
     return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _tagged_communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+    """megatron-core's P2PCommunicator._communicate_shapes (0.16) with tagged messages: each
+    activation's [seq, batch, hidden] as 3 int64, received into [0, 0, 0] where none comes."""
+    def shape(t):
+        return None if t is None else torch.tensor(t.size(), dtype=torch.int64)
+
+    recv_prev_shape = torch.zeros(3, dtype=torch.int64) if recv_prev else None
+    recv_next_shape = torch.zeros(3, dtype=torch.int64) if recv_next else None
+    reqs = _tagged_batched_p2p_ops(
+        tensor_send_prev=shape(tensor_send_prev), tensor_recv_prev=recv_prev_shape,
+        tensor_send_next=shape(tensor_send_next), tensor_recv_next=recv_next_shape,
+        group=self.pp_group, prev_pipeline_rank=self.prev_rank, next_pipeline_rank=self.next_rank,
+    )
+    for req in reqs:
+        req.wait()
+    as_list = lambda t: [0, 0, 0] if t is None else t.tolist()  # noqa: E731
+    return as_list(recv_prev_shape), as_list(recv_next_shape)
 
 
 _mode: _CudaToCpu | None = None

@@ -5,6 +5,11 @@ per-token-loss convention: `loss_fn(microbatch, logits) -> (loss_sum, count, met
 the schedule and `finalize_model_grads` divide the summed gradient by the global count, so
 the result is the mean over every item of the global batch whatever the micro-batch size,
 DP, TP and PP.
+
+Micro-batches may differ in shape (token-budget and packed layouts, microbatches.py): with
+PP > 1 the schedule then exchanges each activation's shape before it (megatron-core's
+`variable_seq_lengths`). A packed micro-batch ([1, T] with `cu_seqlens`) goes to the model
+with THD `PackedSeqParams`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from .microbatches import packed_seq_params
 from .model import ModelConfig, build_model, unwrap
 
 Microbatch = dict[str, torch.Tensor]
@@ -152,9 +158,12 @@ class Engine:
     @staticmethod
     def _forward_step(loss_fn: LossFn, data_iterator, model):
         mb = next(data_iterator)
+        packed = packed_seq_params(mb)  # None for padded rows; built on the host (max_seqlen)
         if torch.cuda.is_available():  # batches are built on the host
             mb = {k: v.cuda(non_blocking=True) for k, v in mb.items()}
-        output = model(mb["tokens"], mb["position_ids"], attention_mask=None)
+            if packed is not None:
+                packed.cu_seqlens_q = packed.cu_seqlens_kv = mb["cu_seqlens"].int()
+        output = model(mb["tokens"], mb["position_ids"], attention_mask=None, packed_seq_params=packed)
         # The schedule calls this on the last stage only; `non_loss_data` marks collect mode.
         return output, lambda logits, non_loss_data=False: loss_fn(mb, logits)
 
@@ -184,7 +193,10 @@ class Engine:
         else:
             for c in self.chunks:
                 c.eval()
-        mbs, seq = microbatches[0]["tokens"].shape
+        shapes = {tuple(mb["tokens"].shape) for mb in microbatches}
+        mbs, seq = max(shapes)
+        # Shapes that differ within the step: send each activation's shape ahead of it (PP > 1)
+        self.config.variable_seq_lengths = len(shapes) > 1
         iters = [iter(microbatches) for _ in self.chunks]
         fb = get_forward_backward_func()
         with torch.no_grad() if forward_only else contextlib.nullcontext():

@@ -4,6 +4,12 @@ Shapes: logits [b, s, v_local] (this rank's vocab shard), labels [b, s] already 
 (labels[:, t] is the token predicted at position t), loss_mask [b, s] with 1 on response
 tokens. Every row needs at least one response token.
 
+Packed rows (microbatches.py) hold several trajectories each: `sequence_ids` [b, s] (int64)
+names the trajectory of every position (-1 or anything on padding), and the per-trajectory
+inputs (rewards, advantages) are [n]. Without it each row is one trajectory (n = b). Every
+per-trajectory quantity (V(s_1) at a trajectory's first response position, the summed
+log-ratio, GRPO's seq_mean, each metric) is taken per trajectory either way.
+
 Two forms of each loss:
 - `tbrm_loss` / `grpo_loss` -> (loss, metrics): the mean over this batch, metrics as floats.
 - `tbrm_loss_sums` / `grpo_loss_sums` -> (loss_sum, num_items, metric_sums): Megatron-core's
@@ -38,6 +44,57 @@ class TBRMTerms(NamedTuple):
     delta: torch.Tensor
     v_s1: torch.Tensor
     log_ratio_sum: torch.Tensor
+
+
+class Trajectories(NamedTuple):
+    """Where each trajectory's response positions lie in a [b, s] micro-batch, flattened."""
+
+    ids: torch.Tensor  # [m] int64: the trajectory of each response position
+    positions: torch.Tensor  # [m] int64: its flat index (row * s + t), ascending
+    n: int
+    shape: tuple[int, int]  # (b, s)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """sum over each trajectory's response positions of values [b, s] -> [n]."""
+        flat = values.flatten()[self.positions]
+        return flat.new_zeros(self.n).index_add(0, self.ids, flat)
+
+    def first(self, values: torch.Tensor) -> torch.Tensor:
+        """values [b, s] at each trajectory's first response position -> [n]."""
+        start = self.positions.new_full((self.n,), self.shape[0] * self.shape[1])
+        start = start.scatter_reduce(0, self.ids, self.positions, "amin")
+        return values.flatten()[start]
+
+    def count(self) -> torch.Tensor:
+        """Response positions per trajectory [n] (int64)."""
+        return torch.bincount(self.ids, minlength=self.n)
+
+    def per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """values [n] spread onto each trajectory's response positions -> [b, s]; 0 elsewhere."""
+        out = values.new_zeros(self.shape[0] * self.shape[1])
+        return out.index_copy(0, self.positions, values[self.ids]).view(self.shape)
+
+
+def trajectories(loss_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None,
+                 n: int | None = None) -> Trajectories:
+    """The trajectories of a micro-batch: one per row without `sequence_ids`, else n of them
+    named by sequence_ids [b, s] at the positions where loss_mask is 1. Raises ValueError for
+    an id outside [0, n) on a response position, or a trajectory with no response token."""
+    mask = loss_mask.bool()
+    positions = mask.flatten().nonzero().squeeze(1)
+    if sequence_ids is None:
+        return Trajectories(positions // mask.shape[1], positions, mask.shape[0], tuple(mask.shape))
+    _check_shape("sequence_ids", sequence_ids, tuple(mask.shape))
+    if n is None:
+        raise ValueError("n (the number of trajectories) is required with sequence_ids")
+    ids = sequence_ids.flatten()[positions].long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise ValueError(f"sequence_ids on response positions must lie in [0, {n})")
+    t = Trajectories(ids, positions, n, tuple(mask.shape))
+    empty = (t.count() == 0).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"loss_mask has no response token in trajectory(ies) {empty.tolist()}")
+    return t
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -120,16 +177,18 @@ def tbrm_terms(
     tp_group: ProcessGroup | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     v_offset: float = 0.0,
+    sequence_ids: torch.Tensor | None = None,
 ) -> TBRMTerms:
-    """delta = V(s_1) + sum_h [log pi(a_h|s_h) - log pi_ref(a_h|s_h)] - r / beta, all fp32.
+    """delta = V(s_1) + sum_h [log pi(a_h|s_h) - log pi_ref(a_h|s_h)] - r / beta, all fp32,
+    one per trajectory: [b], or [n] for packed rows (`sequence_ids`, rewards [n]).
 
-    V(s_1) is the log-sum-exp over the true vocabulary at the first position where loss_mask
-    is 1 (the last prompt position, which predicts a_1). Sums are never length-normalised.
-    `v_offset` is a constant subtracted from V(s_1): a uniform output bias of -v_offset,
-    which leaves the softmax policy unchanged (0 = the paper's objective).
+    V(s_1) is the log-sum-exp over the true vocabulary at the trajectory's first position
+    where loss_mask is 1 (the last prompt position, which predicts a_1). Sums are never
+    length-normalised. `v_offset` is a constant subtracted from V(s_1): a uniform output bias
+    of -v_offset, which leaves the softmax policy unchanged (0 = the paper's objective).
     """
-    b = logits.shape[0]
-    _check_shape("rewards", rewards, (b,))
+    n = logits.shape[0] if sequence_ids is None else rewards.shape[0]
+    _check_shape("rewards", rewards, (n,))
     _check_finite("rewards", rewards)
     if not (beta > 0 and beta != float("inf")):
         raise ValueError(f"beta must be a positive finite number, got {beta}")
@@ -138,11 +197,11 @@ def tbrm_terms(
     )
     _check_shape("ref_logprobs", ref_logprobs, tuple(mask.shape))
     _check_finite("ref_logprobs", ref_logprobs, mask)
+    traj = trajectories(mask, sequence_ids, n)
 
-    first = mask.int().argmax(dim=1)  # argmax returns the first of equal maxima
-    v_s1 = lse.gather(1, first.unsqueeze(1)).squeeze(1) - v_offset
+    v_s1 = traj.first(lse) - v_offset
     ref = torch.where(mask, ref_logprobs.float(), torch.zeros_like(logprob))  # masked may be nan
-    log_ratio_sum = (logprob - ref).sum(dim=1)
+    log_ratio_sum = traj.sum(logprob - ref)
     delta = v_s1 + log_ratio_sum - rewards.float() / beta
     _check_finite("logits (the residual)", delta.detach())
     return TBRMTerms(delta, v_s1, log_ratio_sum)
@@ -158,18 +217,18 @@ def tbrm_loss_sums(
     loss_mask: torch.Tensor, beta: float, **kw,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(sum of delta^2, number of trajectories, metric [sum, count] pairs) for a forward_step.
-    Arguments as `tbrm_terms` (`kw`: vocab_size, tp_group, chunk_size, v_offset)."""
+    Arguments as `tbrm_terms` (`kw`: vocab_size, tp_group, chunk_size, v_offset, sequence_ids)."""
     t = tbrm_terms(logits, labels, ref_logprobs, rewards, loss_mask, beta, **kw)
-    b = t.delta.shape[0]
+    n = t.delta.shape[0]  # trajectories
     delta, success = t.delta.detach(), rewards > 0
     loss_sum = t.delta.square().sum()
     metric_sums = {
-        "delta_mean": _pair(delta.sum(), b),
-        "delta_sq_mean": _pair(delta.square().sum(), b),
-        "v_s1_mean": _pair(t.v_s1.sum(), b),
-        "log_ratio_sum_mean": _pair(t.log_ratio_sum.sum(), b),
-        "reward_mean": _pair(rewards.sum(), b),
-        "response_length_mean": _pair(loss_mask.sum(), b),
+        "delta_mean": _pair(delta.sum(), n),
+        "delta_sq_mean": _pair(delta.square().sum(), n),
+        "v_s1_mean": _pair(t.v_s1.sum(), n),
+        "log_ratio_sum_mean": _pair(t.log_ratio_sum.sum(), n),
+        "reward_mean": _pair(rewards.sum(), n),
+        "response_length_mean": _pair(loss_mask.sum(), n),
         "delta_success_mean": _pair(delta[success].sum(), success.sum()),
         "delta_failure_mean": _pair(delta[~success].sum(), (~success).sum()),
         # sum_h log pi/pi_ref of the sampled responses that succeeded / failed: how much more
@@ -177,7 +236,7 @@ def tbrm_loss_sums(
         "log_ratio_success_mean": _pair(t.log_ratio_sum.detach()[success].sum(), success.sum()),
         "log_ratio_failure_mean": _pair(t.log_ratio_sum.detach()[~success].sum(), (~success).sum()),
     }
-    return loss_sum, torch.tensor(b, dtype=torch.int, device=delta.device), metric_sums
+    return loss_sum, torch.tensor(n, dtype=torch.int, device=delta.device), metric_sums
 
 
 def tbrm_loss(*args, **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
@@ -260,6 +319,7 @@ def grpo_loss_sums(
     vocab_size: int | None = None,
     tp_group: ProcessGroup | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    sequence_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip surrogate (+ kl_coef * k3 KL to the reference) as (loss_sum, count, metrics).
 
@@ -267,7 +327,8 @@ def grpo_loss_sums(
     ratio = exp(logp - rollout_logp) (the sampler's log-probs: the behaviour policy, which is
     PPO's pi_old with one update per batch) and k3 = exp(ref - logp) - (ref - logp) - 1.
     token_mean: loss_sum over response tokens, count = response tokens.
-    seq_mean: each sequence's tokens averaged first, count = sequences.
+    seq_mean: each trajectory's tokens averaged first, count = trajectories.
+    advantages: [b], or [n] for packed rows (`sequence_ids`, as tbrm_terms).
     ref_logprobs may be None when kl_coef == 0 (then no KL metric). rollout_logprobs None: the
     ratio is taken against this policy's own log-probs, detached (verl's recomputed old
     log-probs: ratio 1, no off-policy correction).
@@ -278,8 +339,8 @@ def grpo_loss_sums(
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     if kl_coef < 0 or (kl_coef > 0 and ref_logprobs is None):
         raise ValueError(f"kl_coef={kl_coef} must be >= 0, and > 0 needs ref_logprobs")
-    b = logits.shape[0]
-    _check_shape("advantages", advantages, (b,))
+    n = logits.shape[0] if sequence_ids is None else advantages.shape[0]
+    _check_shape("advantages", advantages, (n,))
     _check_finite("advantages", advantages)
     mask, logprob, _ = _per_token_logprobs(
         logits, labels, loss_mask, vocab_size, tp_group, chunk_size
@@ -289,9 +350,10 @@ def grpo_loss_sums(
     _check_shape("rollout_logprobs", rollout_logprobs, tuple(mask.shape))
     _check_finite("rollout_logprobs", rollout_logprobs, mask)
     zero = torch.zeros_like(logprob)
+    traj = trajectories(mask, sequence_ids, n)
 
     ratio = torch.exp(logprob - torch.where(mask, rollout_logprobs.float(), zero))
-    adv = advantages.float().unsqueeze(1)
+    adv = traj.per_token(advantages.float())
     unclipped = -ratio * adv
     clipped = -ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
     per_token = torch.maximum(unclipped, clipped)
@@ -300,8 +362,8 @@ def grpo_loss_sums(
         "pg_loss_mean": _pair(per_token[mask].sum(), n_tokens),
         "clip_fraction": _pair((clipped > unclipped)[mask].sum(), n_tokens),
         "ratio_mean": _pair(ratio[mask].sum(), n_tokens),
-        "advantage_mean": _pair(advantages.sum(), b),
-        "response_length_mean": _pair(n_tokens, b),
+        "advantage_mean": _pair(advantages.sum(), n),
+        "response_length_mean": _pair(n_tokens, n),
     }
     if ref_logprobs is not None:
         _check_shape("ref_logprobs", ref_logprobs, tuple(mask.shape))
@@ -316,7 +378,7 @@ def grpo_loss_sums(
     if aggregation == "token_mean":
         loss_sum, count = per_token.sum(), n_tokens
     else:
-        loss_sum, count = (per_token.sum(dim=1) / mask.sum(dim=1)).sum(), torch.tensor(b)
+        loss_sum, count = (traj.sum(per_token) / traj.count()).sum(), torch.tensor(n)
     return loss_sum, count.to(device=logprob.device, dtype=torch.int), metric_sums
 
 

@@ -7,6 +7,7 @@ the layer spec is Transformer Engine's when TE is importable and a GPU is presen
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass, field
@@ -216,7 +217,55 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, vpp: Optional[int] = 
     )
 
 
+_CAUSAL: dict = {}  # device -> the largest causal mask built there
+
+
+def causal_mask(length: int, device) -> torch.Tensor:
+    """[1, 1, length, length] bool, True above the diagonal (megatron-core's masks mark the
+    excluded entries True, attention_mask_func): a view of one mask per device, grown to the
+    longest length asked for. (megatron-core's own default mask is cached per length without
+    bound, which the many lengths of packed trajectories would fill.)"""
+    m = _CAUSAL.get(str(device))
+    if m is None or m.shape[0] < length:
+        m = _CAUSAL[str(device)] = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    return m[:length, :length][None, None]
+
+
+@functools.cache
+def _packed_attention_class():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class PackedDotProductAttention(DotProductAttention):
+        """The local spec's attention, also over THD-packed rows (microbatches.pack).
+
+        megatron-core's DotProductAttention refuses PackedSeqParams. With them, SelfAttention
+        hands over q, k, v as [t, heads, dim] with RoPE already applied per segment; this is
+        attention under the row's block-diagonal causal mask, computed one diagonal block (one
+        segment, causal) at a time: the blocks off the diagonal are all masked, and skipping
+        them costs sum_i s_i^2 instead of T^2 (as Transformer Engine's THD attention does).
+        Returns [t, 1, hidden], what SelfAttention reshapes THD output to. Without
+        PackedSeqParams: unchanged."""
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            if packed_seq_params is None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"packed rows need qkv_format='thd', got {packed_seq_params.qkv_format!r}")
+            bounds = packed_seq_params.cu_seqlens_q.tolist()
+            return torch.cat([
+                super(PackedDotProductAttention, self).forward(
+                    query[a:b].unsqueeze(1), key[a:b].unsqueeze(1), value[a:b].unsqueeze(1),
+                    causal_mask(b - a, query.device), attn_mask_type, attention_bias)
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ])
+
+    return PackedDotProductAttention
+
+
 def layer_spec(cfg: ModelConfig):
+    """Transformer Engine's spec (it takes THD-packed rows itself), or the local spec with
+    `PackedDotProductAttention` so that it takes them too."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -224,7 +273,9 @@ def layer_spec(cfg: ModelConfig):
 
     if use_te(cfg):
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = _packed_attention_class()
+    return spec
 
 
 def build_model(

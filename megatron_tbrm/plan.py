@@ -9,7 +9,10 @@ and no GPU is needed. Exit 0 when every GPU fits, 2 when one does not (the messa
 knob to change and, where a single change fits, its value), 1 for a missing or bad file.
 
 Formulas (docs/memory_plan.md has them in full; GB = 10^9 bytes; P = this rank's parameters,
-d = DP x CP, s = data.max_prompt_tokens + rollout.max_tokens, b = train.micro_batch_size):
+d = DP x CP, s = data.max_prompt_tokens + rollout.max_tokens, b = train.micro_batch_size; with
+train.max_tokens_per_microbatch B a micro-batch holds up to B tokens in trajectories of up to s:
+b = B / s rows' worth, so the token terms scale with B and the attention scores with s * B, as
+packed (THD) attention per trajectory or B / s padded rows of s have them):
 - weights 2P (bf16), fp32 main gradients 4P (grad_reduce_in_fp32), Adam's fp32 master + two
   moments 12P / d with the distributed optimizer: megatron-core's distributed-optimizer
   accounting, "6 + 12/d bytes per parameter".
@@ -190,6 +193,10 @@ def make_plan(cfg, m, layout: Layout, reserve_gb: float = RESERVE_GB) -> Plan:
     seq = cfg.data.max_prompt_tokens + r.max_tokens
     s, b = -(-seq // cp), tr.micro_batch_size
     n_mb = max(1, tr.prompts_per_step * r.n // (dp * b))
+    if tr.max_tokens_per_microbatch:  # the budget, not a row count, sizes a micro-batch
+        b = tr.max_tokens_per_microbatch / cp / s
+        # at most: every trajectory at the longest, as many as fit in a micro-batch
+        n_mb = -(-tr.prompts_per_step * r.n // (dp * max(1, tr.max_tokens_per_microbatch // seq)))
     vocab_local = m.padded_vocab_size(tp) / tp
     act = dict(s=s, b=b, h=m.hidden_size, a=m.num_attention_heads, f=m.ffn_hidden_size, tp=tp,
                sp=par.sequence_parallel, dtype_bytes=wbytes)
@@ -260,8 +267,15 @@ def make_plan(cfg, m, layout: Layout, reserve_gb: float = RESERVE_GB) -> Plan:
 
 def _candidates(cfg, m, layout: Layout):
     """Single-knob changes, cheapest first: (knob, value, apply(cfg))."""
+    budget = cfg.train.max_tokens_per_microbatch
+    if budget:  # halve the budget down to the longest trajectory (validation's floor)
+        floor = -(-(cfg.data.max_prompt_tokens + cfg.rollout.max_tokens) // 8) * 8
+        v = budget // 2 // 8 * 8
+        while v >= floor:
+            yield "train.max_tokens_per_microbatch", v, lambda c, v=v: setattr(c.train, "max_tokens_per_microbatch", v)
+            v = v // 2 // 8 * 8
     mbs = cfg.train.micro_batch_size
-    for v in sorted((d for d in range(1, mbs) if mbs % d == 0), reverse=True):
+    for v in sorted((d for d in range(1, mbs) if mbs % d == 0 and not budget), reverse=True):
         yield "train.micro_batch_size", v, lambda c, v=v: setattr(c.train, "micro_batch_size", v)
     if cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
         yield "parallel.sequence_parallel", "true", lambda c: setattr(c.parallel, "sequence_parallel", True)
@@ -311,7 +325,8 @@ def verdict(cfg, m, plan: Plan, reserve_gb: float = RESERVE_GB) -> Optional[str]
     if found:
         knob, value, fixed = found
         return f"{head}; change '{knob}' ({knob}={value} fits: {fixed.worst.total / GB:.1f} GB)"
-    return (f"{head}; no single change of train.micro_batch_size, model.recompute, parallel.sequence_parallel, "
+    return (f"{head}; no single change of train.micro_batch_size (or max_tokens_per_microbatch), model.recompute, "
+            "parallel.sequence_parallel, "
             "rollout.gpu_memory_utilization or parallel.tp fits: change 'parallel.tp' / 'parallel.pp' together "
             "with more GPUs (--nodes)")
 
@@ -320,7 +335,7 @@ ROWS = [
     ("weights", "policy weights ({dtype})"),
     ("gradients", "gradients (fp32 main grads)"),
     ("optimizer", "optimizer (fp32 master + Adam m, v){dist}"),
-    ("activations", "activations ({b} x {seq} tokens, recompute {rc}, SP {sp})"),
+    ("activations", "activations ({tokens}, recompute {rc}, SP {sp})"),
     ("logits", "logits shard + fp32 chunk temporary"),
     ("reference", "reference model, resident{ref}"),
     ("reserve", "CUDA context, NCCL, allocator (assumed)"),
@@ -334,6 +349,14 @@ def _rows(n: int) -> str:
     return f"{n} row{'s' if n != 1 else ''}"
 
 
+def _microbatches(cfg, info: dict) -> str:
+    t = cfg.train
+    if not t.max_tokens_per_microbatch:
+        return f"{info['n_mb']} micro-batches of {_rows(t.micro_batch_size)}"
+    how = "packed rows" if t.pack_sequences else "padded rows"
+    return f"up to {info['n_mb']} micro-batches of <= {t.max_tokens_per_microbatch} tokens ({how})"
+
+
 def render(cfg, m, plan: Plan, config_name: str) -> str:
     L, par, r, info = plan.layout, cfg.parallel, cfg.rollout, plan.info
     out = [f"Memory plan for {config_name}: ESTIMATES from Megatron's published formulas (megatron_tbrm/plan.py, "
@@ -342,7 +365,7 @@ def render(cfg, m, plan: Plan, config_name: str) -> str:
            f"FFN {m.ffn_hidden_size}, vocab {m.vocab_size} (padded {info['vocab_padded']} at TP={par.tp}), "
            f"{info['params'] / 1e9:.2f} B parameters, {cfg.model.dtype}",
            f"layout: {L.nodes} node(s) x {L.gpus_per_node} GPUs x {L.gpu_memory_gb:g} GB; TP={par.tp} PP={par.pp} "
-           f"CP={par.cp} DP={info['dp']}; {info['n_mb']} micro-batches of {_rows(cfg.train.micro_batch_size)} per DP rank "
+           f"CP={par.cp} DP={info['dp']}; {_microbatches(cfg, info)} per DP rank "
            f"and step; longest row {info['seq']} tokens (data.max_prompt_tokens + rollout.max_tokens)",
            f"hosts: trainer rank r on node r // {L.gpus_per_node}, GPU r % {L.gpus_per_node} (TP fastest, then CP, DP, PP)"]
     if r.server_url:
@@ -352,7 +375,9 @@ def render(cfg, m, plan: Plan, config_name: str) -> str:
                    f"0-{r.tensor_parallel_size - 1}, colocated with trainer ranks, its memory held through the update; "
                    f"KV cache ~{info['vllm_kv_tokens']:,.0f} tokens "
                    f"(~{info['vllm_kv_tokens'] / r.max_model_len:.0f} sequences of max_model_len {r.max_model_len})")
-    fmt = dict(dtype=cfg.model.dtype, b=cfg.train.micro_batch_size, seq=info["seq"], rc=cfg.model.recompute,
+    budget = cfg.train.max_tokens_per_microbatch
+    tokens = f"{budget} tokens a micro-batch" if budget else f"{cfg.train.micro_batch_size} x {info['seq']} tokens"
+    fmt = dict(dtype=cfg.model.dtype, tokens=tokens, rc=cfg.model.recompute,
                sp="on" if par.sequence_parallel else "off",
                dist=f" / {info['dp'] * par.cp} (distributed)" if par.distributed_optimizer else "",
                ref=" (ref_offload: on GPU only for its forward)" if cfg.train.ref_offload else "")

@@ -146,7 +146,8 @@ class Trainer:
         if not self.is_main and batch.sampler_state:
             self.sampler.load_state_dict(batch.sampler_state)
         self.position = {"sampler": batch.sampler_state, "trajectory_sampler": batch.trajectory_sampler_state}
-        mbs = self._microbatches(batch)
+        step_mbs = self._microbatches(batch)
+        mbs = step_mbs.microbatches
         if self.step == 0:
             self.algorithm.on_first_batch(self.ref, mbs, self.ps)
         t_ref = time.perf_counter()
@@ -164,7 +165,7 @@ class Trainer:
         self.step += 1
         rollout_failures = float(self.rollout.failures) if self.rollout is not None else 0.0
         metrics.update(
-            step=self.step, trajectories=float(sum(mb["loss_mask"].shape[0] for mb in mbs) * self.ps.dp_size),
+            step=self.step, trajectories=float(step_mbs.trajectories), real_token_fraction=step_mbs.real_token_fraction,
             sync_s=sync.get("duration_s", t_end - t_sync), ref_s=t_train - t_ref, train_s=t_sync - t_train,
             step_s=t_end - t0, tokens_per_s=batch.metrics["response_tokens"] / max(t_end - t0, 1e-9),
             wall_time=time.time() - self.t_start, bad_steps=float(self.bad_steps),
@@ -201,20 +202,18 @@ class Trainer:
                                  trajectory_reward_mean=sum(s.reward for s in drawn) / len(drawn))
         return batch
 
-    def _microbatches(self, batch) -> list[dict]:
-        """This DP rank's share of the batch (a multiple of DP x micro-batch rows is kept,
-        dropping from the end), padded to the step's length, split into micro-batches."""
-        from .engine import split_microbatches
-        from .rollout.batch import collate
+    def _microbatches(self, batch):
+        """This DP rank's micro-batches of the step (microbatches.py: fixed rows, or under
+        train.max_tokens_per_microbatch, packed with train.pack_sequences)."""
+        from .microbatches import build_microbatches
 
-        unit = self.ps.dp_size * self.cfg.train.micro_batch_size
-        per = len(batch.samples) // unit * unit // self.ps.dp_size
-        if per == 0:
-            raise TrainingStopped(f"step {self.step}: too few non-empty trajectories ({len(batch.samples)}) "
-                                  f"for one micro-batch per DP rank")
-        mine = batch.samples[self.ps.dp_rank * per : (self.ps.dp_rank + 1) * per]
-        return split_microbatches(collate(mine, self.pad_id, batch.seq_len, version=self.step),
-                                  self.cfg.train.micro_batch_size)
+        t, par = self.cfg.train, self.cfg.parallel
+        try:
+            return build_microbatches(batch.samples, self.pad_id, self.step, self.ps.dp_size, self.ps.dp_rank,
+                                      t.micro_batch_size, t.max_tokens_per_microbatch, t.pack_sequences,
+                                      multiple=par.pp if par.vpp else 1)
+        except ValueError as e:
+            raise TrainingStopped(f"step {self.step}: too few non-empty trajectories: {e}") from None
 
     def _attach_ref_logprobs(self, microbatches: list[dict]) -> None:
         """Frozen-reference log-probs of the labels, as mb["ref_logprobs"] (last stage)."""
@@ -236,6 +235,7 @@ class Trainer:
         """The algorithm's loss plus the train/rollout consistency metric `logprob_gap`:
         mean |log pi_sampler - log pi_trainer| on the sampled tokens, before this step's
         update (the weights the server sampled with)."""
+        from .loss import trajectories
         from .vocab_parallel import vocab_parallel_logprob
 
         def fn(mb, logits):
@@ -243,7 +243,8 @@ class Trainer:
             with torch.no_grad():
                 lp, _ = vocab_parallel_logprob(logits.detach(), mb["labels"], self.model_cfg.vocab_size,
                                                self.tp_group, mask=mb["loss_mask"].bool())
-            mask = mb["loss_mask"] * mb["on_policy"].unsqueeze(1)  # stale or file samples: other weights
+            on_policy = mb["on_policy"]  # per trajectory: stale or file samples came from other weights
+            mask = trajectories(mb["loss_mask"], mb.get("sequence_ids"), on_policy.numel()).per_token(on_policy)
             gap = ((lp - mb["rollout_logprobs"]).abs() * mask).sum()
             sums["logprob_gap"] = torch.stack([gap.double(), mask.sum().double()])
             sums["loss"] = torch.stack([loss_sum.detach().double(), count.double()])

@@ -49,6 +49,28 @@ def _check_layout(cfg: Config, hf: dict) -> None:
         raise ConfigError(f"config key '{key}': {e} (model {cfg.model.path})") from None
 
 
+def _check_token_budget(cfg: Config, seq: int, dp: int, trajectories: int) -> None:
+    """train.max_tokens_per_microbatch / train.pack_sequences: a budget that holds the longest
+    trajectory the rollout can make, and layouts the packed (THD) path supports."""
+    from .microbatches import round_up
+
+    t, par = cfg.train, cfg.parallel
+    if t.max_tokens_per_microbatch is None:
+        raise ConfigError("config key 'train.pack_sequences': true needs train.max_tokens_per_microbatch (the "
+                          "length of a packed row), got null")
+    if t.max_tokens_per_microbatch < round_up(seq):
+        raise ConfigError(f"config key 'train.max_tokens_per_microbatch': got {t.max_tokens_per_microbatch}, must be "
+                          f">= data.max_prompt_tokens + rollout.max_tokens = {seq} rounded up to 8 = {round_up(seq)} "
+                          "(a trajectory is never split), or null for train.micro_batch_size rows")
+    if t.pack_sequences and par.cp > 1:
+        raise ConfigError(f"config key 'train.pack_sequences': true with parallel.cp={par.cp}: packed (THD) rows "
+                          "under context parallelism are not supported; use parallel.cp=1 or pack_sequences=false")
+    per_rank = par.pp if par.vpp else 1  # the interleaved schedule wants a multiple of PP micro-batches
+    if trajectories < dp * per_rank:
+        raise ConfigError(f"config keys 'train.prompts_per_step' x 'rollout.n' = {trajectories} trajectories are "
+                          f"too few for {per_rank} micro-batch(es) on each of {dp} data-parallel rank(s)")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Cross-field checks. Raises ConfigError naming the key, the value and what is allowed."""
     if world_size is None:
@@ -153,7 +175,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"config key 'rollout.n': got {cfg.rollout.n}; loss.name=grpo needs n >= 2 samples per prompt")
     dp = world_size // model_parallel
     trajectories = cfg.train.prompts_per_step * cfg.rollout.n
-    if trajectories % (dp * cfg.train.micro_batch_size):
+    if cfg.train.max_tokens_per_microbatch is not None or cfg.train.pack_sequences:
+        _check_token_budget(cfg, seq, dp, trajectories)
+    elif trajectories % (dp * cfg.train.micro_batch_size):
         raise ConfigError(
             f"config keys 'train.prompts_per_step' x 'rollout.n' = {trajectories} trajectories must split evenly "
             f"into data-parallel size {dp} x 'train.micro_batch_size' {cfg.train.micro_batch_size}"

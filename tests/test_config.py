@@ -54,11 +54,27 @@ def test_good_config_validates(good):
         (["train.max_staleness=1", "rollout.sleep_mode=always"], 1, r"'rollout.sleep_mode': 'always' with train.max"),
         (["data.trajectories=/nonexistent/*.jsonl"], 1, r"'data.trajectories': no trajectory files"),
         (["data.trajectories=/tmp", "loss.name=grpo", "rollout.n=4"], 1, r"off-policy data is for loss.name=tbrm"),
+        (["train.pack_sequences=true"], 1, r"'train.pack_sequences': true needs train.max_tokens_per_microbatch"),
+        (["train.max_tokens_per_microbatch=100"], 1,
+         r"'train.max_tokens_per_microbatch': got 100, must be >= .* = 128 .*a trajectory is never split"),
+        (["train.max_tokens_per_microbatch=256", "train.pack_sequences=true", "parallel.cp=2"], 2,
+         r"'train.pack_sequences': true with parallel.cp=2"),
+        (["train.max_tokens_per_microbatch=256", "train.micro_batch_size=3"], 8, r"4 trajectories are too few for 1 "),
+        (["train.max_tokens_per_microbatch=two"], 1, r"'train.max_tokens_per_microbatch': got 'two', expected an integer or null"),
     ],
 )
 def test_bad_config_names_key_and_value(good, overrides, world, match):
     with pytest.raises(ConfigError, match=match) if "fp8" not in overrides[0] else pytest.raises(ValueError, match=match):
         validate(load_config(None, good + overrides), world_size=world)
+
+
+def test_token_budget_replaces_the_row_split(good):
+    """With train.max_tokens_per_microbatch the step need not split into DP x micro_batch_size
+    rows (4 trajectories, DP 4, 3 rows would not); every trajectory is trained."""
+    validate(load_config(None, good + ["train.max_tokens_per_microbatch=128", "train.micro_batch_size=3",
+                                       "train.pack_sequences=true"]), world_size=4)
+    with pytest.raises(ConfigError, match="must split evenly"):
+        validate(load_config(None, good + ["train.micro_batch_size=3"]), world_size=4)
 
 
 def test_eval_files_are_checked_only_when_evaluating(good):

@@ -321,3 +321,54 @@ def test_tbrm_value_offset_is_a_uniform_output_bias() -> None:
     torch.testing.assert_close(logits.grad.double(), ref_grad, rtol=1e-4, atol=1e-4)
     assert m["v_s1_mean"] == pytest.approx(ref_m["v_s1_mean"], abs=1e-4)
     assert m["log_ratio_sum_mean"] == pytest.approx(ref_m["log_ratio_sum_mean"], abs=1e-4)
+
+
+def _packed(inp: dict, order: list[int]) -> dict:
+    """The rows of `inp` end to end in one row [1, B*S], in `order` (a packed micro-batch with
+    every row a segment), sequence_ids naming each position's trajectory."""
+    rows = {k: torch.cat([inp[k][i] for i in order]).unsqueeze(0)
+            for k in ("logits", "labels", "loss_mask", "ref_logprobs", "rollout_logprobs")}
+    rows["sequence_ids"] = torch.tensor([i for i in order for _ in range(S)]).unsqueeze(0)
+    return rows | {"rewards": inp["rewards"], "advantages": inp["advantages"]}
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: f"{CASES[i][0]}-{CASES[i][1]}-{CASES[i][4]}")
+def test_packed_rows_match_the_fp64_reference(case: int) -> None:
+    """Trajectories packed into one row, in another order than their index: V(s_1), the summed
+    log-ratio, GRPO's per-sequence mean and every metric stay per trajectory."""
+    name, dtype, padded, chunk, kwargs = CASES[case]
+    inp = make_inputs(dtype, padded)
+    order = [2, 0, 3, 1]
+    p = _packed(inp, order)
+    logits = p["logits"].clone().requires_grad_()
+    common = dict(vocab_size=VOCAB, chunk_size=chunk, sequence_ids=p["sequence_ids"])
+    if name == "tbrm":
+        want_loss, want_grad, want_m = tbrm_reference(inp)
+        loss, m = tbrm_loss(logits, p["labels"], p["ref_logprobs"], p["rewards"], p["loss_mask"], BETA, **common)
+    else:
+        want_loss, want_grad, want_m = grpo_reference(inp, kwargs["aggregation"], kwargs["kl_coef"])
+        loss, m = grpo_loss(logits, p["labels"], p["rollout_logprobs"], p["ref_logprobs"], p["advantages"],
+                            p["loss_mask"], **kwargs, **common)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), want_loss, rtol=2e-6, atol=1e-6)
+    for key, want in want_m.items():
+        assert m[key] == pytest.approx(want, rel=1e-5, abs=1e-5), key
+    grad = logits.grad.view(B, S, -1)[torch.argsort(torch.tensor(order))]  # back to trajectory order
+    tol = dict(rtol=1e-2, atol=1e-4) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, **tol)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda p: p["sequence_ids"].__setitem__((0, 3), 4), r"sequence_ids on response positions must lie in \[0, 4\)"),
+        (lambda p: p["sequence_ids"].masked_fill_(p["sequence_ids"] == 1, 0), r"no response token in trajectory\(ies\) \[1\]"),
+        (lambda p: p.update(rewards=p["rewards"][:3]), "sequence_ids on response positions"),
+    ],
+)
+def test_packed_bad_input(change, match: str) -> None:
+    p = _packed(make_inputs(torch.float32, 40), [0, 1, 2, 3])
+    change(p)
+    with pytest.raises(ValueError, match=match):
+        tbrm_loss(p["logits"], p["labels"], p["ref_logprobs"], p["rewards"], p["loss_mask"], BETA, vocab_size=VOCAB,
+                  sequence_ids=p["sequence_ids"])

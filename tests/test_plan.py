@@ -152,3 +152,29 @@ def test_errors_name_the_file(tmp_path, monkeypatch, capsys):
     empty.mkdir()
     code, _, err = plan_cli(monkeypatch, capsys, "--config", recipe, "--hf-config", empty)
     assert code == 1 and str(empty / "config.json") in err
+
+
+def test_token_budget_sizes_the_micro_batch(tmp_path):
+    """train.max_tokens_per_microbatch B: activations and logits of B tokens in trajectories of
+    up to s = 100 (b = B / s rows' worth); B = 200 is the same as 2 rows of 100, B = 400 twice
+    the token terms."""
+    recipe, _ = small_recipe(tmp_path)
+    rows = make_plan(load_config(recipe), model_shape(load_config(recipe)), Layout(4, 1, 10), reserve_gb=0.1)
+    for budget, pack in ((200, False), (200, True), (400, True)):
+        cfg = load_config(recipe, [f"train.max_tokens_per_microbatch={budget}", f"train.pack_sequences={pack}"])
+        plan = make_plan(cfg, model_shape(cfg), Layout(4, 1, 10), reserve_gb=0.1)
+        rest = plan.groups[1]
+        if budget == 200:
+            assert rest.rows == rows.groups[1].rows
+        else:
+            assert rest.rows["activations"] == pytest.approx(4 * 2 * 256_000)  # 4 layers at b = 4
+            assert rest.rows["logits"] == pytest.approx(400 * 512 * 2 * 2 + 400 * 512 * 4)
+            assert plan.info["n_mb"] == 1  # 8 trajectories / (DP 2 x 4 a micro-batch)
+
+
+def test_a_token_budget_that_cannot_fit_names_the_budget(monkeypatch, capsys):
+    recipe = REPO / "recipes" / "qwen2.5_math_7b_tbrm_n1.yaml"
+    code, out, err = plan_cli(monkeypatch, capsys, "--config", recipe, "--hf-config", HF / "qwen2.5-math-7b",
+                              "train.max_tokens_per_microbatch=12288", "train.pack_sequences=true")
+    assert code == 2 and "<= 12288 tokens (packed rows)" in out
+    assert "change 'train.max_tokens_per_microbatch' (train.max_tokens_per_microbatch=3072 fits" in err, err

@@ -4,7 +4,8 @@
   (log-ratio 0 at step 1, non-zero at step 2: the update changed the weights); the server follows
   (train/rollout log-prob gap ~0 at step 2, i.e. the sampler had the updated weights), its
   weights pushed by broadcast over a gloo group (the collective transport).
-- PP=2: one step runs and is finite.
+- PP=2: one step runs and is finite; with packed micro-batches under a token budget too (every
+  trajectory trained, nearly no padding, the value-offset calibration on packed rows).
 - Resume: a run restored from its step-1 checkpoint reproduces the uninterrupted run's step 2.
 
 One vLLM server (module fixture) serves every run: the trainer attaches by URL and pushes its
@@ -159,3 +160,18 @@ def test_pp2_step(tmp_path, tiny_model_dir, data, server):
     rows = train(tmp_path / "pp2", tiny_model_dir, data, server, "parallel.pp=2", "train.steps=1",
                  "checkpoint.save_every=0")
     assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["update_ok"] == 1.0
+
+
+def test_pp2_packed_step(tmp_path, tiny_model_dir, data, server):
+    """train.pack_sequences under train.max_tokens_per_microbatch at PP=2: packed rows of
+    different lengths through the pipeline, the reference forward and model.value_offset's
+    calibration on them; every trajectory of the step is trained."""
+    rows = train(tmp_path / "packed", tiny_model_dir, data, server, "parallel.pp=2", "train.steps=1",
+                 "checkpoint.save_every=0", "train.max_tokens_per_microbatch=128", "train.pack_sequences=true",
+                 "model.value_offset=true")
+    r = rows[0]
+    assert r["trajectories"] == 8 and r["update_ok"] == 1.0
+    assert math.isfinite(r["loss"]) and math.isfinite(r["v_s1_mean"])
+    assert r["real_token_fraction"] > 0.8, r["real_token_fraction"]
+    # the calibration moved the mean V(s_1) onto the mean r/beta of the batch (the policy is the reference)
+    assert r["v_s1_mean"] == pytest.approx(r["reward_mean"] / 0.5, abs=1e-3)

@@ -14,8 +14,6 @@ import torch
 
 from .client import Trajectory
 
-PAD_MULTIPLE = 8
-
 
 @dataclass
 class Sample:
@@ -41,6 +39,11 @@ class Sample:
     advantage: float = 0.0
     policy_version: int = 0
     policy_version_end: int = 0
+
+    def on_policy(self, version: int) -> float:
+        """1.0 when the weights of optimizer step `version` (the policy being trained)
+        generated the whole sample, else 0.0."""
+        return float(self.policy_version == self.policy_version_end == version)
 
     @classmethod
     def from_ids(cls, prompt_ids: Sequence[int], response_ids: Sequence[int], logprobs: Sequence[float],
@@ -89,13 +92,6 @@ class RolloutBatch:
         batch.metrics["dropped_empty"] = float(len(samples) - len(kept))
         return batch
 
-    @property
-    def seq_len(self) -> int:
-        """The longest row, rounded up to PAD_MULTIPLE: one length for the whole step, because
-        pipeline stages exchange fixed shapes."""
-        longest = max((len(s.tokens) for s in self.samples), default=1)
-        return -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
-
 
 @dataclass
 class ServerRestarted:
@@ -107,7 +103,8 @@ class ServerRestarted:
 
 
 def collate(samples: Sequence[Sample], pad_id: int, seq_len: int, version: int = 0) -> dict[str, torch.Tensor]:
-    """Samples -> tensors right-padded to [B, seq_len] (causal attention needs no mask):
+    """Samples -> tensors right-padded to [B, S], S = max(longest row, seq_len) rounded up to 8
+    (causal attention needs no mask):
     tokens, labels (int64, pad_id), loss_mask, rollout_logprobs (fp32, 0), position_ids, and
     rewards, advantages, on_policy [B] fp32 (on_policy: 1 for samples generated from start to
     end by the weights of optimizer step `version`, the policy being trained)."""
@@ -115,6 +112,6 @@ def collate(samples: Sequence[Sample], pad_id: int, seq_len: int, version: int =
 
     rows = [{"tokens": s.tokens, "labels": s.labels, "loss_mask": s.loss_mask,
              "rollout_logprobs": s.rollout_logprobs, "rewards": s.reward, "advantages": s.advantage,
-             "on_policy": float(s.policy_version == s.policy_version_end == version)}
+             "on_policy": s.on_policy(version)}
             for s in samples]
     return pad_batch(rows, pad_id, seq_len=seq_len)

@@ -75,11 +75,13 @@ def unshard(gname: str, parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0]
 
 
-def init_weights(chunks, tp: int, tp_rank: int) -> None:
+def init_weights(chunks, tp: int, tp_rank: int, salt: str = "") -> None:
+    """Deterministic full weights from each parameter's global name (+ salt: another model of
+    the same shape), sliced for this TP rank."""
     for c in chunks:
         for name, p in unwrap(c).named_parameters():
             g = global_name(c, name)
-            gen = torch.Generator().manual_seed(sum(ord(ch) * (i + 1) for i, ch in enumerate(g)) % 2**31)
+            gen = torch.Generator().manual_seed(sum(ord(ch) * (i + 1) for i, ch in enumerate(g + salt)) % 2**31)
             full = torch.randn(full_shape(g, p.shape, tp), generator=gen) * (0.02 if p.dim() > 1 else 1.0)
             if p.dim() == 1 and "bias" not in g:
                 full = 1.0 + 0.1 * full  # norms near 1
