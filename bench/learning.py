@@ -78,14 +78,17 @@ def diagnose(run_dir: Path, window: int = 25, beta: float | None = None) -> str:
         w = [r for r in train if lo < r["step"] <= lo + window]
         if not w:
             continue
-        succ = [r.get("reward_mean", 0) * r.get("trajectories", 0) for r in w]
+        # the policy's own samples (rollout_reward_mean); reward_mean also counts trajectory-file samples
+        reward = [r.get("rollout_reward_mean", r.get("reward_mean")) for r in w]
+        succ = [(r.get("rollout_reward_mean", r.get("reward_mean")) or 0) *
+                (r.get("trajectories", 0) - r.get("trajectory_samples", 0)) for r in w]
         # delta_success = V + log-ratio(successes) - 1/beta  =>  log-ratio of successes
         lr_succ = [r["delta_success_mean"] - r["v_s1_mean"] + 1.0 / beta for r in w
                    if r.get("delta_success_mean") is not None and r.get("v_s1_mean") is not None]
         end = max(r["step"] for r in w)
         acc = evals.get(end)
         lines.append(
-            f"| {lo + 1}-{end} | {_mean([r.get('reward_mean') for r in w]):.3f} | {_mean(succ):.1f} | "
+            f"| {lo + 1}-{end} | {_mean(reward):.3f} | {_mean(succ):.1f} | "
             f"{_mean([r.get('v_s1_mean') for r in w]):.2f} | {_mean([r.get('delta_success_mean') for r in w]):.2f} | "
             f"{_mean([r.get('delta_failure_mean') for r in w]):.2f} | {_mean(lr_succ):.2f} | "
             f"{_mean([r.get('log_ratio_sum_mean') for r in w]):.2f} | {_mean([r.get('grad_norm') for r in w]):.1f} | "

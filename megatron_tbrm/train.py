@@ -193,6 +193,10 @@ class Trainer:
             batch = self.rollout.rollout(self.sampler, self.step, self.algorithm)
         else:
             batch = RolloutBatch([], {"rollout_s": 0.0, "response_tokens": 0.0}, sampler_state=self.position["sampler"])
+        if isinstance(batch, RolloutBatch) and batch.samples:
+            # The policy's own reward: `reward_mean` (from the loss) is over every trained sample,
+            # trajectory-file samples included.
+            batch.metrics["rollout_reward_mean"] = sum(s.reward for s in batch.samples) / len(batch.samples)
         ts = self.data.trajectory_sampler
         if isinstance(batch, RolloutBatch) and ts is not None:
             drawn = [dataclasses.replace(s) for s in ts.next_batch()]
@@ -350,7 +354,7 @@ class Trainer:
         return metrics
 
     def _report(self, m: dict, bar) -> None:
-        parts = {"reward": f"{m.get('reward_mean', float('nan')):.3f}", "loss": f"{m['loss']:.4g}",
+        parts = {"reward": f"{m.get('rollout_reward_mean', m.get('reward_mean', float('nan'))):.3f}", "loss": f"{m['loss']:.4g}",
                  "tok_s": f"{m['tokens_per_s']:.0f}"}
         if "eval_accuracy" in m:
             parts["eval"] = f"{m['eval_accuracy']:.3f}"

@@ -175,3 +175,23 @@ def test_pp2_packed_step(tmp_path, tiny_model_dir, data, server):
     assert r["real_token_fraction"] > 0.8, r["real_token_fraction"]
     # the calibration moved the mean V(s_1) onto the mean r/beta of the batch (the policy is the reference)
     assert r["v_s1_mean"] == pytest.approx(r["reward_mean"] / 0.5, abs=1e-3)
+
+
+def test_trajectory_file_mixed_with_fresh_rollouts(tmp_path, tiny_model_dir, data, server):
+    """data.trajectory_fraction < 1: each step trains on fresh rollouts plus file samples.
+    `rollout_reward_mean` is the policy's own reward, read back from the step's saved rollouts
+    (the random tiny model scores ~0); `reward_mean` is over every trained sample, the file's
+    successes included. Before rollout_reward_mean, the logged train reward mixed the two."""
+    traj = tmp_path / "successes.jsonl"
+    rows = [json.loads(x) for x in data[0].read_text().splitlines()[:16]]
+    traj.write_text("".join(json.dumps({"prompt": r["prompt"], "response": f"\\boxed{{{r['answer']}}}",
+                                        "reward": 1.0}) + "\n" for r in rows))
+    run = tmp_path / "mixed"
+    got = train(run, tiny_model_dir, data, server, "train.steps=2", "checkpoint.save_every=0", "rollout.save=true",
+                f"data.trajectories={traj}", "data.trajectory_fraction=0.5")
+    for r in got:
+        saved = [json.loads(x) for x in (run / "rollouts" / f"step_{r['step']}.jsonl").read_text().splitlines()]
+        assert len(saved) == 4 and r["trajectory_samples"] == 4.0 and r["trajectory_reward_mean"] == 1.0
+        fresh = [s["reward"] for s in saved if s["response_token_ids"]]  # empty responses are dropped
+        assert r["rollout_reward_mean"] == pytest.approx(sum(fresh) / len(fresh))
+        assert r["reward_mean"] == pytest.approx((sum(fresh) + 4.0) / (len(fresh) + 4))
