@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,8 @@ class WeightSyncSection:
     bucket_mb: int = 512
     # Collective transports: the address the vLLM workers reach trainer rank 0 at (default
     # 127.0.0.1 for a server the trainer starts, this host's name-resolved address when
-    # attached to rollout.server_url), and its port (0: a free one, picked at each connect).
+    # attached to rollout.server_url), and its port (0: a free one, picked at each connect;
+    # else engine i's group uses master_port + i).
     master_address: Optional[str] = None
     master_port: int = 0
     # What a push does to requests in flight (overlapped rollouts): wait = they finish on the
@@ -90,8 +91,14 @@ class WeightSyncSection:
 @dataclass
 class RolloutSection:
     server_url: Optional[str] = None  # attach to a running server instead of starting one
+    server_urls: list[str] = field(default_factory=list)  # attach to several (one engine each)
+    # vLLM engines the trainer starts (rank 0, on node 0): on GPUs engine i gets its own
+    # tensor_parallel_size devices (CUDA_VISIBLE_DEVICES); requests go to the engine with the
+    # fewest in flight, every push reaches every engine. auto: the local GPUs // tensor_parallel_size
+    # (1 without CUDA), or the number of server URLs when attached.
+    engines: Union[int, Literal["auto"]] = 1
     host: str = "127.0.0.1"
-    port: int = 0  # 0: pick a free port
+    port: int = 0  # 0: pick a free port (else engine i listens on port + i)
     n: int = 1  # samples per prompt (TBRM's default is 1)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -100,7 +107,7 @@ class RolloutSection:
     # Token ids that end a response besides the model's EOS. None: the chat template's end of
     # turn (`<|im_end|>` for Qwen2.5 base models, whose EOS is `<|endoftext|>`); []: none.
     stop_token_ids: Optional[list[int]] = None
-    max_concurrency: int = 64
+    max_concurrency: int = 64  # requests in flight per engine
     max_model_len: int = 4096
     kv_cache_bytes: Optional[int] = None
     gpu_memory_utilization: float = 0.5
@@ -112,13 +119,28 @@ class RolloutSection:
     request_timeout_s: float = 600.0
     max_restarts: int = 3  # consecutive server failures survived (restart + redo the batch)
     save: bool = False  # write every step's trajectories to <run.dir>/rollouts/step_N.jsonl
-    # vLLM's sleep mode, colocated with the trainer: the server sleeps after each rollout (its KV
+    # vLLM's sleep mode, colocated with the trainer: every engine sleeps after each rollout (its KV
     # cache and weights leave the GPU during the update) and wakes before the push. auto: when
-    # the trainer starts the server on GPUs and rollouts do not overlap the update. always: also
-    # when attached (the server must have --enable-sleep-mode); on CPU the calls are made but do
+    # the trainer starts the engines on GPUs and rollouts do not overlap the update. always: also
+    # when attached (the servers must have --enable-sleep-mode); on CPU the calls are made but do
     # nothing (vLLM refuses the flag there). never. (Not on/off: YAML reads those as booleans.)
     sleep_mode: Literal["auto", "always", "never"] = "auto"
     weight_sync: WeightSyncSection = field(default_factory=WeightSyncSection)
+
+    @property
+    def attach_urls(self) -> list[str]:
+        """The servers to attach to (rollout.server_url, then rollout.server_urls); [] when the
+        trainer starts its own engines."""
+        return ([self.server_url] if self.server_url else []) + list(self.server_urls)
+
+    def engine_count(self, local_gpus: int = 0) -> int:
+        """How many engines run: the attached URLs, or `engines` (auto: local_gpus //
+        tensor_parallel_size, at least 1)."""
+        if self.attach_urls:
+            return len(self.attach_urls)
+        if self.engines == "auto":
+            return max(1, local_gpus // max(self.tensor_parallel_size, 1))
+        return self.engines
 
 
 @dataclass
@@ -233,6 +255,14 @@ class Config:
             return total, 0
         from_files = max(1, round(self.data.trajectory_fraction * total))
         return total - from_files, from_files * self.rollout.n
+
+    def engines_sleep(self, cuda: bool) -> bool:
+        """Whether the vLLM engines sleep during the update (rollout.sleep_mode): always, or
+        auto on GPUs (`cuda`) when the trainer starts them and rollouts do not overlap the
+        update (train.max_staleness 0)."""
+        r = self.rollout
+        return r.sleep_mode == "always" or (r.sleep_mode == "auto" and cuda and not r.attach_urls
+                                            and not self.train.max_staleness)
 
     @property
     def fresh_rollouts(self) -> bool:

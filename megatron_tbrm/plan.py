@@ -26,12 +26,19 @@ packed (THD) attention per trajectory or B / s padded rows of s have them):
 - logits: b*s*V'/t elements kept + their gradient in the model dtype, + vocab_parallel.py's fp32
   chunk temporary (last stage); the reference's weights unless train.ref_offload (then only in
   the reference-forward phase); vLLM: rollout.gpu_memory_utilization x GPU memory (or weights +
-  rollout.kv_cache_bytes) on each GPU it runs on, held through the update, its KV cache
-  2 * L * kv_heads * head_dim * bytes per token; RESERVE_GB per trainer GPU (assumed).
+  rollout.kv_cache_bytes) on each GPU an engine runs on, its KV cache 2 * L * kv_heads *
+  head_dim * bytes per token; RESERVE_GB per trainer GPU (assumed).
+- phases of a GPU: the trainer's update and reference forward, with what vLLM holds meanwhile
+  (all of it; with sleep mode only what sleep does not release, VLLM_RUNTIME_GB assumed), and
+  the rollout: the trainer's resident state (weights, gradients, optimizer, reserve, a resident
+  reference) + vLLM awake. Peak = the largest phase: without sleep max(trainer phases) + vLLM,
+  with sleep about max(trainer phases, rollout) (rollout.sleep_mode; auto sleeps on GPUs
+  unless attached or train.max_staleness > 0).
 
 Where things run (today's trainer): rank r on node r // G, GPU r % G, TP fastest, then CP, DP,
-PP; trainer rank 0 starts one vLLM server on the first rollout.tensor_parallel_size GPUs of
-node 0 (none with rollout.server_url).
+PP; trainer rank 0 starts rollout.engines vLLM engines on node 0, engine i on GPUs
+i*T .. (i+1)*T - 1 (T = rollout.tensor_parallel_size; auto: G // T engines, every GPU); none
+with rollout.server_url(s).
 """
 from __future__ import annotations
 
@@ -119,16 +126,25 @@ def kv_bytes_per_token(m, dtype_bytes: int) -> float:
 
 @dataclass
 class Group:
-    """GPUs with the same contents: a pipeline stage, with or without vLLM."""
+    """GPUs with the same contents: a pipeline stage, with or without a vLLM engine."""
     stage: int
     vllm: bool
     gpus: list = field(default_factory=list)  # (node, local gpu)
     rows: dict = field(default_factory=dict)  # component -> bytes
     phases: dict = field(default_factory=dict)  # phase -> bytes (trainer only)
+    vllm_held: float = 0.0  # what vLLM holds during the trainer's phases (all, or asleep: its residue)
+    rollout: float = 0.0  # the rollout phase: the trainer's resident state + vLLM awake
 
     @property
     def total(self) -> float:
-        return max(self.phases.values()) + self.rows.get("vllm", 0.0)
+        return max(max(self.phases.values()) + self.vllm_held, self.rollout)
+
+    @property
+    def peak_phase(self) -> str:
+        trainer = max(self.phases, key=self.phases.get)
+        if self.rollout > self.phases[trainer] + self.vllm_held:
+            return "rollout phase (vLLM awake)"
+        return f"{trainer} phase" + (" + vLLM" if self.vllm_held else "")
 
     def label(self) -> str:
         by_node: dict = {}
@@ -210,17 +226,24 @@ def make_plan(cfg, m, layout: Layout, reserve_gb: float = RESERVE_GB) -> Plan:
     problems: list = []
     vllm_gpus: set = set()
     vllm_rows: dict = {}
-    if not r.server_url:
+    sleep = info["sleep"] = cfg.engines_sleep(cuda=True)  # the trainer's rule, on GPUs
+    if not r.attach_urls:
         rtp = r.tensor_parallel_size
+        engines = r.engine_count(layout.gpus_per_node)
+        info["engines"] = engines
         vbytes = BYTES.get(str(r.dtype or cfg.model.dtype), wbytes)
         if rtp > layout.gpus_per_node:
             problems.append(("rollout.tensor_parallel_size", f"vLLM's tensor_parallel_size {rtp} exceeds the "
-                             f"{layout.gpus_per_node} GPUs of a node (one server, started on node 0)"))
+                             f"{layout.gpus_per_node} GPUs of a node (engines are started on node 0)"))
+        elif engines * rtp > layout.gpus_per_node:
+            problems.append(("rollout.engines", f"{engines} vLLM engines x tensor_parallel_size {rtp} need "
+                             f"{engines * rtp} GPUs; node 0 has {layout.gpus_per_node} (rollout.engines=auto: "
+                             f"{layout.gpus_per_node // rtp})"))
         for what, n in (("num_attention_heads", m.num_attention_heads), ("num_key_value_heads", m.num_kv_heads)):
             if n % rtp and not (what == "num_key_value_heads" and rtp % n == 0):  # vLLM replicates KV heads
                 problems.append(("rollout.tensor_parallel_size", f"vLLM's tensor_parallel_size {rtp} does not "
                                  f"divide {what}={n}"))
-        vllm_gpus = {(0, g) for g in range(min(rtp, layout.gpus_per_node))}
+        vllm_gpus = {(0, g) for g in range(min(engines * rtp, layout.gpus_per_node))}
         weights = info["params"] / rtp * vbytes
         budget = (weights + r.kv_cache_bytes + VLLM_RUNTIME_GB * GB if r.kv_cache_bytes
                   else r.gpu_memory_utilization * layout.gpu_memory_gb * GB)
@@ -255,10 +278,13 @@ def make_plan(cfg, m, layout: Layout, reserve_gb: float = RESERVE_GB) -> Plan:
         }
         if g.vllm:
             g.rows.update(vllm_rows)
+            g.rows["vllm asleep"] = min(VLLM_RUNTIME_GB * GB, vllm_rows["vllm"]) if sleep else vllm_rows["vllm"]
         static = sum(g.rows[k] for k in ("weights", "gradients", "optimizer", "reserve"))
         ref_forward = one_layer + ((logits_elems * wbytes + chunk_tmp) if last else 0.0)
         g.phases = {"update": static + acts + g.rows["logits"] + g.rows["reference"],
                     "reference forward": static + params * wbytes + ref_forward}
+        g.vllm_held = g.rows.get("vllm asleep", 0.0)
+        g.rollout = static + g.rows["reference"] + g.rows.get("vllm", 0.0)
     return Plan(sorted(groups.values(), key=lambda g: (not g.vllm, g.stage)), layout, problems, info)
 
 
@@ -283,6 +309,8 @@ def _candidates(cfg, m, layout: Layout):
         yield "model.recompute", v, lambda c, v=v: setattr(c.model, "recompute", v)
     if not cfg.train.ref_offload:
         yield "train.ref_offload", "true", lambda c: setattr(c.train, "ref_offload", True)
+    if not cfg.engines_sleep(cuda=True) and not cfg.train.max_staleness:
+        yield "rollout.sleep_mode", "always", lambda c: setattr(c.rollout, "sleep_mode", "always")
     u = cfg.rollout.gpu_memory_utilization
     for i in range(1, 20):
         v = round(u - 0.05 * i, 2)
@@ -320,13 +348,13 @@ def verdict(cfg, m, plan: Plan, reserve_gb: float = RESERVE_GB) -> Optional[str]
         knob, why = plan.problems[0]
         return f"does not fit: {why}; change '{knob}'"
     head = (f"does not fit: GPUs {worst.label()} need an estimated {worst.total / GB:.1f} GB of "
-            f"{limit:g} GB ({max(worst.phases, key=worst.phases.get)} phase{' + vLLM' if worst.vllm else ''})")
+            f"{limit:g} GB ({worst.peak_phase})")
     found = suggest(cfg, m, plan.layout, reserve_gb)
     if found:
         knob, value, fixed = found
         return f"{head}; change '{knob}' ({knob}={value} fits: {fixed.worst.total / GB:.1f} GB)"
     return (f"{head}; no single change of train.micro_batch_size (or max_tokens_per_microbatch), model.recompute, "
-            "parallel.sequence_parallel, "
+            "parallel.sequence_parallel, train.ref_offload, rollout.sleep_mode, "
             "rollout.gpu_memory_utilization or parallel.tp fits: change 'parallel.tp' / 'parallel.pp' together "
             "with more GPUs (--nodes)")
 
@@ -342,6 +370,7 @@ ROWS = [
     ("vllm weights", "  vLLM weights"),
     ("vllm kv cache", "  vLLM KV cache"),
     ("vllm", "vLLM in all (gpu_memory_utilization x memory)"),
+    ("vllm asleep", "vLLM during the update{held}"),
 ]
 
 
@@ -368,19 +397,24 @@ def render(cfg, m, plan: Plan, config_name: str) -> str:
            f"CP={par.cp} DP={info['dp']}; {_microbatches(cfg, info)} per DP rank "
            f"and step; longest row {info['seq']} tokens (data.max_prompt_tokens + rollout.max_tokens)",
            f"hosts: trainer rank r on node r // {L.gpus_per_node}, GPU r % {L.gpus_per_node} (TP fastest, then CP, DP, PP)"]
-    if r.server_url:
-        out.append(f"       vLLM: attached at {r.server_url}, on GPUs of its own (not counted here)")
+    if r.attach_urls:
+        out.append(f"       vLLM: attached at {', '.join(r.attach_urls)}, on GPUs of its own (not counted here)")
     else:
-        out.append(f"       vLLM: one server (rollout.tensor_parallel_size={r.tensor_parallel_size}) on node 0 GPUs "
-                   f"0-{r.tensor_parallel_size - 1}, colocated with trainer ranks, its memory held through the update; "
-                   f"KV cache ~{info['vllm_kv_tokens']:,.0f} tokens "
+        n, t = info["engines"], r.tensor_parallel_size
+        spans = ", ".join(_span(list(range(i * t, (i + 1) * t))) for i in range(n))
+        out.append(f"       vLLM: {n} engine{'s' if n > 1 else ''} (rollout.engines) x tensor_parallel_size {t} on node 0 "
+                   f"GPUs {spans}, colocated with trainer ranks; "
+                   + ("asleep during the update (rollout.sleep_mode: weights and KV cache released)" if info["sleep"]
+                      else "its memory held through the update (no sleep mode)")
+                   + f"; KV cache ~{info['vllm_kv_tokens']:,.0f} tokens per engine "
                    f"(~{info['vllm_kv_tokens'] / r.max_model_len:.0f} sequences of max_model_len {r.max_model_len})")
     budget = cfg.train.max_tokens_per_microbatch
     tokens = f"{budget} tokens a micro-batch" if budget else f"{cfg.train.micro_batch_size} x {info['seq']} tokens"
     fmt = dict(dtype=cfg.model.dtype, tokens=tokens, rc=cfg.model.recompute,
                sp="on" if par.sequence_parallel else "off",
                dist=f" / {info['dp'] * par.cp} (distributed)" if par.distributed_optimizer else "",
-               ref=" (ref_offload: on GPU only for its forward)" if cfg.train.ref_offload else "")
+               ref=" (ref_offload: on GPU only for its forward)" if cfg.train.ref_offload else "",
+               held=" (asleep: what sleep keeps, assumed)" if info["sleep"] else " (held: no sleep mode)")
     width = max(len(label.format(**fmt)) for _, label in ROWS) + 2
     cols = [f"{'PP' + str(g.stage) + ' ' if par.pp > 1 else ''}GPUs {g.label()}" for g in plan.groups]
     cw = [max(12, len(c) + 2) for c in cols]
@@ -397,6 +431,9 @@ def render(cfg, m, plan: Plan, config_name: str) -> str:
     out.append(line("-" * (width - 2), ["-" * (w - 2) for w in cw]))
     for phase in ("update", "reference forward"):
         out.append(line(f"trainer, {phase} phase", [f"{g.phases[phase] / GB:.1f}" for g in plan.groups]))
+    if any(g.vllm for g in plan.groups):
+        out.append(line("rollout phase (trainer resident + vLLM awake)",
+                        [f"{g.rollout / GB:.1f}" if g.vllm else "-" for g in plan.groups]))
     out.append(line(f"peak per GPU (of {L.gpu_memory_gb:g} GB)",
                     [f"{g.total / GB:.1f}{'' if g.total <= L.gpu_memory_gb * GB else ' !'}" for g in plan.groups]))
     return "\n".join(out)

@@ -321,9 +321,9 @@ class Trainer:
             r = cfg.run
             self.tracking = Tracking(self.run_dir, r.tensorboard, r.wandb_project, r.wandb_mode, r.wandb_name,
                                      config=cfg.to_dict())
-        # A server we started holds model.path's weights; after a resume, a loaded checkpoint, or
-        # when attached to someone's server, give it the current policy first.
-        if self.step > 0 or cfg.checkpoint.load or cfg.rollout.server_url:
+        # Engines we started hold model.path's weights; after a resume, a loaded checkpoint, or
+        # when attached to someone's servers, give them the current policy first.
+        if self.step > 0 or cfg.checkpoint.load or cfg.rollout.attach_urls:
             self.push_weights(self.step)
         if self.is_main and self.rollout is not None and cfg.train.max_staleness:
             from .rollout.overlap import RolloutsAhead

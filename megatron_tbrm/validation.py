@@ -71,6 +71,35 @@ def _check_token_budget(cfg: Config, seq: int, dp: int, trajectories: int) -> No
                           f"too few for {per_rank} micro-batch(es) on each of {dp} data-parallel rank(s)")
 
 
+def _check_engines(cfg: Config) -> None:
+    """rollout.engines against the server URLs and, with CUDA, the local GPUs: the engines the
+    trainer starts each take rollout.tensor_parallel_size GPUs of their own on this node."""
+    r = cfg.rollout
+    if r.engines != "auto" and r.engines < 1:
+        raise ConfigError(f"config key 'rollout.engines': got {r.engines!r}, expected a positive integer or 'auto'")
+    _positive("rollout.tensor_parallel_size", r.tensor_parallel_size)
+    _positive("rollout.max_concurrency", r.max_concurrency)
+    if r.server_url and r.server_urls:
+        raise ConfigError(f"config keys 'rollout.server_url'={r.server_url!r} and 'rollout.server_urls'="
+                          f"{r.server_urls!r}: give the servers to attach to in one of them")
+    urls = r.attach_urls
+    if urls and r.engines not in ("auto", 1, len(urls)):
+        raise ConfigError(f"config key 'rollout.engines': got {r.engines!r} with {len(urls)} server URL(s) to attach "
+                          f"to: attached engines are the URLs (leave rollout.engines at 1 or 'auto', or set it to {len(urls)})")
+    if len(set(urls)) < len(urls):
+        raise ConfigError(f"config key 'rollout.server_urls': {urls!r} names a server twice")
+    import torch
+
+    if not urls and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        n = r.engine_count(gpus)
+        if n * r.tensor_parallel_size > gpus:
+            raise ConfigError(f"config keys 'rollout.engines' x 'rollout.tensor_parallel_size' = {n} x "
+                              f"{r.tensor_parallel_size} = {n * r.tensor_parallel_size} GPUs, but this node has "
+                              f"{gpus}: each engine needs GPUs of its own (use rollout.engines=auto for "
+                              f"{max(gpus // r.tensor_parallel_size, 1)})")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Cross-field checks. Raises ConfigError naming the key, the value and what is allowed."""
     if world_size is None:
@@ -108,12 +137,18 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             resolve_trajectory_files(cfg.data.trajectories)
         except FileNotFoundError as e:
             raise ConfigError(f"config key 'data.trajectories': {e}") from None
+    _check_engines(cfg)
     if cfg.rollout.weight_sync.transport == "nccl":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("config key 'rollout.weight_sync.transport': 'nccl' needs GPUs on the trainer and "
                               "the vLLM workers; without CUDA use 'gloo' (the same broadcast code path) or 'shm'")
+        if not cfg.rollout.attach_urls:
+            raise ConfigError("config key 'rollout.weight_sync.transport': 'nccl' with engines the trainer starts: "
+                              "engine 0 runs on GPU 0 with trainer rank 0, and NCCL refuses two members of a group "
+                              "on one GPU ('Duplicate GPU detected'); use 'shm' (same node) or 'gloo', or nccl with "
+                              "servers on other GPUs (rollout.server_url / rollout.server_urls)")
 
     if not cfg.model.path:
         raise ConfigError("config key 'model.path' is required: a Hugging Face model folder")

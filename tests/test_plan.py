@@ -8,6 +8,7 @@ s*b*h*(34 + 5*a*s/h), or s*b*h*(10 + 24/t + 5*a*s/(h*t)) with TP t and no sequen
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def test_activations_by_hand():
 
 def test_small_plan_by_hand(tmp_path):
     recipe, _ = small_recipe(tmp_path)
-    cfg = load_config(recipe)
+    cfg = load_config(recipe, ["rollout.sleep_mode=never"])  # vLLM holds its memory through the update
     plan = make_plan(cfg, model_shape(cfg), Layout(gpus_per_node=4, nodes=1, gpu_memory_gb=10), reserve_gb=0.1)
     assert plan.info["dp"] == 2 and plan.info["n_mb"] == 2  # 8 trajectories / (DP 2 x 2 rows)
     vllm, rest = plan.groups
@@ -113,6 +114,67 @@ def test_small_plan_by_hand(tmp_path):
     assert vllm.total == pytest.approx(sum(rows.values()) + 5e9) and plan.fits
 
 
+# The small recipe's trainer on one GPU (TP=2, above): resident 2P + 4P + 12P/2 + 0.1 GB reserve +
+# the resident reference 2P; the update phase adds activations 1,024,000 and logits 819,200.
+P_SMALL = 107328
+RESIDENT = 2 * P_SMALL + 4 * P_SMALL + 6 * P_SMALL + 0.1e9 + 2 * P_SMALL  # 101,502,592
+UPDATE = RESIDENT + 1_024_000 + 819_200  # 103,345,792
+
+
+@pytest.mark.parametrize("sleep", ["always", "never"])
+def test_several_engines_and_sleep_mode_by_hand(tmp_path, sleep):
+    """rollout.engines=3 at tensor_parallel_size 1 on 4 GPUs: engines on GPUs 0, 1, 2, none on 3.
+    With sleep mode vLLM keeps only its runtime (2 GB, assumed) through the update, and the
+    rollout phase (the trainer's resident state + vLLM's 5 GB awake) sets the peak; without it,
+    the update phase + vLLM's 5 GB."""
+    recipe, _ = small_recipe(tmp_path)
+    cfg = load_config(recipe, ["rollout.engines=3", f"rollout.sleep_mode={sleep}"])
+    plan = make_plan(cfg, model_shape(cfg), Layout(gpus_per_node=4, nodes=1, gpu_memory_gb=10), reserve_gb=0.1)
+    engines, rest = plan.groups
+    assert engines.gpus == [(0, 0), (0, 1), (0, 2)] and rest.gpus == [(0, 3)] and plan.info["engines"] == 3
+    assert RESIDENT == 101_502_592 and UPDATE == 103_345_792
+    assert engines.phases["update"] == pytest.approx(UPDATE) and rest.phases["update"] == pytest.approx(UPDATE)
+    assert engines.rollout == pytest.approx(RESIDENT + 5e9)  # 5,101,502,592
+    if sleep == "always":
+        assert engines.vllm_held == 2e9 and engines.rows["vllm asleep"] == 2e9
+        assert engines.total == pytest.approx(max(UPDATE + 2e9, RESIDENT + 5e9)) == pytest.approx(5_101_502_592)
+        assert engines.peak_phase == "rollout phase (vLLM awake)"
+    else:
+        assert engines.vllm_held == 5e9
+        assert engines.total == pytest.approx(UPDATE + 5e9) == pytest.approx(5_103_345_792)
+        assert engines.peak_phase == "update phase + vLLM"
+    assert rest.vllm_held == 0 and rest.total == pytest.approx(UPDATE)  # no engine: the trainer alone
+    # auto: 4 // tensor_parallel_size engines; attached: none of them on these GPUs
+    assert make_plan(load_config(recipe, ["rollout.engines=auto"]), model_shape(cfg), plan.layout).info["engines"] == 4
+    attached = make_plan(load_config(recipe, ["rollout.server_urls=[http://a:1,http://b:1]"]), model_shape(cfg),
+                         plan.layout, reserve_gb=0.1)
+    assert [g.vllm for g in attached.groups] == [False] and attached.groups[0].total == pytest.approx(UPDATE)
+
+
+def test_sleep_mode_lets_the_7b_recipe_fit_with_2_rows(monkeypatch, capsys):
+    """2 rows a micro-batch at TP=2, an engine on every GPU: without sleep each GPU holds vLLM's
+    28.0 GB on top of the update's 57.7 GB (85.7: does not fit); asleep vLLM keeps 2.0 GB
+    through the update and the rollout phase peaks: 37.2 GB resident (7.6 + 15.2 + 11.4 + 3.0,
+    the reference offloaded) + 28.0 awake = 65.3 GB (rounded parts)."""
+    recipe = REPO / "recipes" / "qwen2.5_math_7b_tbrm_n1.yaml"
+    hf = HF / "qwen2.5-math-7b"
+    code, out, err = plan_cli(monkeypatch, capsys, "--config", recipe, "--hf-config", hf, "train.micro_batch_size=2",
+                              "rollout.sleep_mode=never")
+    assert code == 2 and "need an estimated 85.7 GB of 80 GB (update phase + vLLM)" in err, err
+    code, out, err = plan_cli(monkeypatch, capsys, "--config", recipe, "--hf-config", hf, "train.micro_batch_size=2")
+    assert code == 0 and "asleep during the update" in out and "4 engines (rollout.engines)" in out, out + err
+    assert re.search(r"rollout phase \(trainer resident \+ vLLM awake\)\s+65\.3\n", out), out
+    assert re.search(r"peak per GPU \(of 80 GB\)\s+65\.3\n", out), out
+
+
+def test_engines_that_do_not_fit_the_node_name_the_key(tmp_path, monkeypatch, capsys):
+    recipe, hf = small_recipe(tmp_path)
+    code, out, err = plan_cli(monkeypatch, capsys, "--config", recipe, "--gpus-per-node", 4, "--gpu-memory-gb", 10,
+                              "rollout.engines=3", "rollout.tensor_parallel_size=2")
+    assert code == 2 and "3 vLLM engines x tensor_parallel_size 2 need 6 GPUs; node 0 has 4" in err, err
+    assert "change 'rollout.engines'" in err
+
+
 @pytest.mark.parametrize("recipe", PAPER, ids=[r.stem for r in PAPER])
 def test_every_paper_recipe_fits_on_8x80gb(recipe, monkeypatch, capsys):
     hf = HF / ("qwen2.5-math-1.5b" if "1.5b" in recipe.name else "qwen2.5-math-7b")
@@ -130,7 +192,8 @@ def test_a_layout_that_cannot_fit_exits_2_naming_a_knob(monkeypatch, capsys):
     assert code == 2 and "peak per GPU" in out
     assert "does not fit" in err and "'parallel.tp'" in err, err
     # one knob fixes it: the message names it and its value
-    code, out, err = plan_cli(monkeypatch, capsys, "--config", recipe, "--hf-config", hf, "train.micro_batch_size=4")
+    code, out, err = plan_cli(monkeypatch, capsys, "--config", recipe, "--hf-config", hf, "train.micro_batch_size=4",
+                              "rollout.sleep_mode=never")
     assert code == 2 and "change 'train.micro_batch_size' (train.micro_batch_size=" in err, err
     # vLLM's budget below its weights: it could not start at all
     code, out, err = plan_cli(monkeypatch, capsys, "--config", recipe, "--hf-config", hf,
@@ -175,6 +238,6 @@ def test_token_budget_sizes_the_micro_batch(tmp_path):
 def test_a_token_budget_that_cannot_fit_names_the_budget(monkeypatch, capsys):
     recipe = REPO / "recipes" / "qwen2.5_math_7b_tbrm_n1.yaml"
     code, out, err = plan_cli(monkeypatch, capsys, "--config", recipe, "--hf-config", HF / "qwen2.5-math-7b",
-                              "train.max_tokens_per_microbatch=12288", "train.pack_sequences=true")
-    assert code == 2 and "<= 12288 tokens (packed rows)" in out
-    assert "change 'train.max_tokens_per_microbatch' (train.max_tokens_per_microbatch=3072 fits" in err, err
+                              "train.max_tokens_per_microbatch=16384", "train.pack_sequences=true")
+    assert code == 2 and "<= 16384 tokens (packed rows)" in out
+    assert "change 'train.max_tokens_per_microbatch' (train.max_tokens_per_microbatch=8192 fits" in err, err

@@ -1,10 +1,15 @@
-"""Rollout client: prompts (token ids) -> trajectories from a vLLM server.
+"""Rollout client: prompts (token ids) -> trajectories from one or several vLLM engines.
 
 Prompts go to /v1/completions as token ids and the response token ids come back from the
 server (`return_token_ids`), so nothing is re-tokenised: the trainer scores exactly the
 tokens the sampler produced. Each sampled token's log-prob comes with it (`logprobs: 0`):
 these are vLLM's raw log-probs (temperature 1, before top-p), the quantity the trainer's
 log pi is compared with (see logprob_gap in weight_sync.py).
+
+With several engines (servers holding the same weights) each request goes to the engine with
+the fewest requests in flight from this client (least outstanding requests): a slow or busy
+engine keeps its requests longer and so gets fewer, where round-robin would queue as many on
+it as on the others. Samples do not depend on the engine: a request's seed fixes them.
 """
 from __future__ import annotations
 
@@ -19,8 +24,6 @@ import requests
 from tqdm.auto import tqdm
 
 from megatron_tbrm.log import on_terminal
-
-from megatron_tbrm.rollout.server import RolloutServerError
 
 if TYPE_CHECKING:
     from megatron_tbrm.rollout.server import VLLMServer
@@ -41,37 +44,52 @@ class _Transient(Exception):
     """A failure worth retrying (connection reset, timeout, 5xx, 429)."""
 
 
-class RolloutClient:
-    """Bounded-concurrency client for one vLLM server.
+@dataclass
+class Endpoint:
+    """One engine as the client sees it: its server, the requests in flight to it and the
+    requests sent to it so far (both counted by this client)."""
+    server: "VLLMServer"
+    in_flight: int = 0
+    requests: int = 0
 
-    `timeout` bounds every request (seconds to read the whole answer), so a hung server
-    surfaces as an error. Transient failures are retried `retries` times with exponential
-    backoff; if the client knows the `server` object and its process is dead, it fails at
-    once with the server's log tail.
+
+class RolloutClient:
+    """Bounded-concurrency client for one or several vLLM engines (`servers`, the same model
+    and weights on each).
+
+    `max_concurrency` requests are in flight per engine (the pool holds max_concurrency x
+    engines threads); each goes to the engine with the fewest in flight (ties: the one sent
+    the fewest so far). `timeout` bounds every request (seconds to read the whole answer), so a
+    hung server surfaces as an error. Transient failures are retried `retries` times with
+    exponential backoff, each try routed anew; if the engine's process is dead, the request
+    fails at once with that server's log tail (RolloutServerError.server names it).
     """
 
     def __init__(
         self,
-        base_url: str,
-        model_name: str,
+        servers: Sequence["VLLMServer"],
         max_concurrency: int = 16,
         timeout: float = 600.0,
         retries: int = 3,
         backoff_s: float = 0.5,
-        server: "VLLMServer | None" = None,
     ):
-        self.base_url = base_url.rstrip("/")
-        self.model_name = model_name
+        if not servers:
+            raise ValueError("RolloutClient needs at least one server")
+        self.engines = [Endpoint(s) for s in servers]
         self.max_concurrency = max_concurrency
         self.timeout = timeout
         self.retries = retries
         self.backoff_s = backoff_s
-        self.server = server
         self._local = threading.local()
+        self._lock = threading.Lock()
 
     @classmethod
     def for_server(cls, server: "VLLMServer", **kwargs: Any) -> "RolloutClient":
-        return cls(server.url, server.model_name, server=server, **kwargs)
+        return cls([server], **kwargs)
+
+    def requests_per_engine(self) -> list[int]:
+        """Requests sent to each engine so far (retries included), in engine order."""
+        return [e.requests for e in self.engines]
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -104,7 +122,6 @@ class RolloutClient:
 
         def body(i: int, ids: Sequence[int]) -> dict[str, Any]:
             b = {
-                "model": self.model_name,
                 "prompt": [int(t) for t in ids],
                 "n": n,
                 "temperature": temperature,
@@ -153,7 +170,7 @@ class RolloutClient:
             prompt, response = list(pairs[i][0]), list(pairs[i][1])
             ids = [int(t) for t in prompt + response]
             out = self._post("/v1/completions", {
-                "model": self.model_name, "prompt": ids, "max_tokens": 1,
+                "prompt": ids, "max_tokens": 1,
                 "prompt_logprobs": 0, "temperature": 1.0, "return_token_ids": True,
             })
             entries = out["choices"][0]["prompt_logprobs"]  # entry k: logprob of ids[k] | ids[:k]
@@ -162,11 +179,11 @@ class RolloutClient:
         return self._map(one, len(pairs), desc="score", progress=progress)
 
     def max_model_len(self) -> int | None:
-        """The server's context length (prompt + response), from /v1/models; None if the
-        server does not say. Asked once per client."""
+        """The engines' context length (prompt + response), from the first engine's
+        /v1/models; None if it does not say. Asked once per client."""
         if not hasattr(self, "_max_model_len"):
             try:
-                r = self._session().get(f"{self.base_url}/v1/models", timeout=10.0)
+                r = self._session().get(f"{self.engines[0].server.url}/v1/models", timeout=10.0)
                 self._max_model_len = int(r.json()["data"][0]["max_model_len"])
             except (requests.RequestException, ValueError, KeyError, IndexError, TypeError):
                 return None  # not cached: a server still starting may answer next time
@@ -176,7 +193,7 @@ class RolloutClient:
     def _map(self, fn, count: int, desc: str, progress: bool) -> list[Any]:
         """fn(i) for i in range(count) on a bounded pool; the first error cancels the rest."""
         results: list[Any] = [None] * count
-        pool = ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, count)))
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency * len(self.engines), count)))
         ok = False
         try:
             with tqdm(total=count, desc=desc, disable=not (progress and on_terminal()), leave=False) as bar:
@@ -202,21 +219,27 @@ class RolloutClient:
             s = self._local.session = requests.Session()
         return s
 
-    def _describe(self) -> str:
-        return self.server.describe() if self.server is not None else f"vLLM server at {self.base_url}"
+    def _acquire(self) -> Endpoint:
+        """The engine with the fewest requests in flight (ties: fewest sent, then the first)."""
+        with self._lock:
+            engine = min(self.engines, key=lambda e: (e.in_flight, e.requests))
+            engine.in_flight += 1
+            engine.requests += 1
+            return engine
 
-    def _fail(self, what: str) -> RolloutServerError:
-        if self.server is not None:
-            return self.server.error(what)
-        return RolloutServerError(f"{self._describe()} {what}")
+    def _release(self, engine: Endpoint) -> None:
+        with self._lock:
+            engine.in_flight -= 1
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url = f"{self.base_url}{path}"
         last = ""
         for attempt in range(self.retries + 1):
+            engine = self._acquire()
+            server = engine.server
             try:
                 try:
-                    r = self._session().post(url, json=body, timeout=(10.0, self.timeout))
+                    r = self._session().post(f"{server.url}{path}", json={"model": server.model_name, **body},
+                                             timeout=(10.0, self.timeout))
                 except requests.Timeout as e:
                     raise _Transient(f"timed out after {self.timeout:.0f} s ({e.__class__.__name__})") from e
                 except requests.ConnectionError as e:
@@ -225,14 +248,16 @@ class RolloutClient:
                     return r.json()
                 if r.status_code >= 500 or r.status_code == 429:
                     raise _Transient(f"HTTP {r.status_code}: {r.text[:500]}")
-                raise self._fail(f"rejected POST {path} with HTTP {r.status_code}: {r.text[:2000]}")
+                raise server.error(f"rejected POST {path} with HTTP {r.status_code}: {r.text[:2000]}")
             except _Transient as e:
                 last = str(e)
-                if self.server is not None and not self.server.alive():
-                    raise self._fail(f"died during POST {path} ({last})") from None
+                if not server.alive():
+                    raise server.error(f"died during POST {path} ({last})") from None
                 if attempt < self.retries:
                     time.sleep(self.backoff_s * 2 ** attempt * (1 + random.random()))
-        raise self._fail(f"failed POST {path} after {self.retries + 1} attempts: {last}")
+            finally:
+                self._release(engine)
+        raise server.error(f"failed POST {path} after {self.retries + 1} attempts: {last}")
 
 
 def end_of_turn_token_ids(tokenizer: Any) -> list[int]:

@@ -1,9 +1,13 @@
-"""Rank 0's side of the rollout: the vLLM server (started here or attached), the client, the
-weight sync into it, the reward scorer, and what happens when the server dies.
+"""Rank 0's side of the rollout: the vLLM engines (rollout.engines started here, or attached
+by URL), the client that spreads requests over them, the weight sync into all of them, the
+reward scorer, and what happens when an engine dies.
 
 `RolloutManager.rollout(sampler, step)` returns a scored `RolloutBatch`, or `ServerRestarted`
-after the server died and was restarted (the step's prompts are put back). Repeated or
-deterministic failures raise `RolloutServerError` with the root cause from the server's log.
+after an engine died and was restarted (the others keep running; the step's prompts are put
+back and the whole batch is redone once the trainer has pushed its weights into every
+engine: the same prompts and seeds give the same samples on any engine). One engine is the
+case N=1 of the same code. Repeated or deterministic failures raise `RolloutServerError` with
+the root cause from the failed engine's log.
 """
 
 from __future__ import annotations
@@ -28,77 +32,100 @@ log = get_logger(__name__)
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def _devices(server) -> str:
+    gpus = (server.env or {}).get("CUDA_VISIBLE_DEVICES")
+    return f" (GPUs {gpus})" if gpus else ""
+
+
 class RolloutManager:
     def __init__(self, cfg: "Config", run_dir: Path, pad_id: int, stop_token_ids: list[int]):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.pad_id = pad_id
         self.stop_token_ids = stop_token_ids
-        self.server = self.client = self.sync = self.scorer = None
+        self.servers: list = []  # VLLMServer per engine
+        self.client = self.sync = self.scorer = None
         self.eval_scorer = None  # its own pool: evaluation may run while a rollout scores (overlap)
-        self.version = 0  # optimizer steps in the weights the server holds (set after each push)
-        r = cfg.rollout
+        self.version = 0  # optimizer steps in the weights the engines hold (set after each push)
         # sleep after each rollout, wake before each push (rollout.sleep_mode)
-        self.sleep_mode = r.sleep_mode == "always" or (
-            r.sleep_mode == "auto" and torch.cuda.is_available() and not r.server_url and not cfg.train.max_staleness)
-        self.failures = 0  # server failures in a row
+        self.sleep_mode = cfg.engines_sleep(torch.cuda.is_available())
+        self.failures = 0  # engine failures in a row
         self._last_failure: Optional[tuple[int, Optional[str]]] = None
 
     @property
     def attached(self) -> bool:
-        return bool(self.cfg.rollout.server_url)
+        return bool(self.cfg.rollout.attach_urls)
 
     def start(self) -> None:
-        """Start (or attach to) the vLLM server; connect the client, the weight sync, the scorer."""
+        """Start (or attach to) the vLLM engines; connect the client, the weight sync, the scorer."""
         from ..reward import RewardScorer
         from ..weight_sync import WeightSync
         from .client import RolloutClient
+        from .engines import start_all
         from .server import VLLMServer
 
         r = self.cfg.rollout
         if self.attached:
-            self.server = VLLMServer.attach(r.server_url)
+            self.servers = [VLLMServer.attach(url) for url in r.attach_urls]
         else:
-            dtype = r.dtype or self.cfg.model.dtype
-            extra = list(r.extra_args)
-            if torch.cuda.is_available() and r.kv_cache_bytes is None:
-                extra += ["--gpu-memory-utilization", str(r.gpu_memory_utilization)]
-            self.server = VLLMServer(
-                self.cfg.model.path, host=r.host, port=r.port or None, dtype=VLLM_DTYPES.get(dtype, dtype),
-                max_model_len=r.max_model_len, kv_cache_bytes=r.kv_cache_bytes, max_num_seqs=r.max_num_seqs,
-                tensor_parallel_size=r.tensor_parallel_size, seed=self.cfg.parallel.seed, extra_args=extra,
-                enable_sleep_mode=self.sleep_mode and torch.cuda.is_available(),
-                work_dir=self.run_dir / "vllm",
-            )
-            log.info(f"starting vLLM server on {self.server.url} (log: {self.server.log_path})")
-            self.server.start()
-            self.server.wait_healthy(r.startup_timeout_s)
-        self.client = RolloutClient.for_server(self.server, max_concurrency=r.max_concurrency, timeout=r.request_timeout_s)
-        self.sync = WeightSync(self.server, transport=r.weight_sync.transport, bucket_bytes=r.weight_sync.bucket_mb * 2**20,
-                               pause_mode=r.weight_sync.pause_mode)
+            self.servers = self._owned_engines()
+            for i, s in enumerate(self.servers):
+                log.info(f"starting vLLM engine {i} on {s.url}{_devices(s)} (log: {s.log_path})")
+            start_all(self.servers, r.startup_timeout_s)
+        self.client = RolloutClient(self.servers, max_concurrency=r.max_concurrency, timeout=r.request_timeout_s)
+        self.sync = WeightSync(self.servers, transport=r.weight_sync.transport,
+                               bucket_bytes=r.weight_sync.bucket_mb * 2**20, pause_mode=r.weight_sync.pause_mode)
         self._connect_sync()
         c = self.cfg.reward
         self.scorer = RewardScorer(c.name, timeout_s=c.timeout_s, num_workers=c.workers)
         self.eval_scorer = RewardScorer(c.name, timeout_s=c.timeout_s, num_workers=1) if self.cfg.train.max_staleness \
             else self.scorer
 
-    def _connect_sync(self) -> None:
-        """Collective transports: (re)make the broadcast group with the server's workers; needed
-        once per server process (a restarted server has new workers)."""
+    def _owned_engines(self) -> list:
+        """The VLLMServer of each engine this process starts: engine i on its own
+        tensor_parallel_size GPUs (CUDA_VISIBLE_DEVICES), port rollout.port + i (or a free one),
+        its log in RUN/vllm/server.log (one engine) or RUN/vllm/engine<i>/server.log."""
+        from .engines import engine_devices
+        from .server import VLLMServer
+
+        r = self.cfg.rollout
+        cuda = torch.cuda.is_available()
+        count = r.engine_count(torch.cuda.device_count() if cuda else 0)
+        devices = engine_devices(count, r.tensor_parallel_size) if cuda else [None] * count
+        dtype = r.dtype or self.cfg.model.dtype
+        extra = list(r.extra_args)
+        if cuda and r.kv_cache_bytes is None:
+            extra += ["--gpu-memory-utilization", str(r.gpu_memory_utilization)]
+        return [VLLMServer(
+            self.cfg.model.path, host=r.host, port=r.port + i if r.port else None, dtype=VLLM_DTYPES.get(dtype, dtype),
+            max_model_len=r.max_model_len, kv_cache_bytes=r.kv_cache_bytes, max_num_seqs=r.max_num_seqs,
+            tensor_parallel_size=r.tensor_parallel_size, seed=self.cfg.parallel.seed, extra_args=extra,
+            enable_sleep_mode=self.sleep_mode and cuda,
+            work_dir=self.run_dir / "vllm" / (f"engine{i}" if count > 1 else ""),
+            env={"CUDA_VISIBLE_DEVICES": devices[i]} if devices[i] is not None else None,
+        ) for i in range(count)]
+
+    def _connect_sync(self, engines: Optional[list[int]] = None) -> None:
+        """Collective transports: (re)make the broadcast group with the workers of `engines`
+        (default all); needed once per server process (a restarted engine has new workers)."""
         from ..weight_sync import COLLECTIVE
 
         ws = self.cfg.rollout.weight_sync
         if ws.transport not in COLLECTIVE:
             return
         address = ws.master_address or ("127.0.0.1" if not self.attached else socket.gethostbyname(socket.gethostname()))
-        self.sync.connect(address, ws.master_port, timeout_s=self.cfg.rollout.startup_timeout_s)
+        self.sync.connect(address, ws.master_port, timeout_s=self.cfg.rollout.startup_timeout_s, engines=engines)
 
     def close(self) -> None:
         for part in (self.sync, self.scorer, self.eval_scorer):
             if part is not None:
                 part.close()
-        if self.server is not None:
-            self.server.stop()
+        self._each(lambda s: s.stop())
+
+    def _each(self, fn) -> list:
+        from .engines import each
+
+        return each(self.servers, fn)
 
     # ------------------------------------------------------------------ a step's rollout
 
@@ -107,6 +134,9 @@ class RolloutManager:
         from ..reward import no_answer_warning
 
         r = self.cfg.rollout
+        for server in self.servers if not self.attached else ():
+            if not server.alive():  # e.g. died during the last push: restart it before sampling
+                raise server.error("is dead (found before the rollout)")
         prompts = sampler.next_batch()
         version = self.version
         t0 = time.perf_counter()
@@ -161,10 +191,11 @@ class RolloutManager:
         os.replace(tmp, path)
 
     def rollout(self, sampler: "PromptSampler", step: int, algorithm: "Algorithm") -> Union[RolloutBatch, ServerRestarted]:
-        """A prepared batch, or ServerRestarted after the server died and was restarted (the
-        prompts are put back, to be redone). Raises RolloutServerError when the restarts are
-        used up, when attached to someone else's server, or when the redone batch fails again
-        with the same root cause (it is deterministic: more restarts would only repeat it)."""
+        """A prepared batch, or ServerRestarted after an engine died and was restarted (the
+        prompts are put back, to be redone on every engine). Raises RolloutServerError when the
+        restarts are used up, when attached to someone else's servers, or when the redone batch
+        fails again with the same root cause (it is deterministic: more restarts would only
+        repeat it)."""
         before = sampler.state_dict()
         try:
             batch = self.generate(sampler, step)
@@ -174,39 +205,58 @@ class RolloutManager:
             if self.attached or self.failures > limit:
                 raise RolloutServerError(f"rollout failed at step {step} ({self.failures} failure(s) in a row, "
                                          f"rollout.max_restarts={limit}): {e}") from None
-            failure = (step, self.server.root_cause())
+            failed = self._failed_engines(e)
+            failure = (step, self.servers[failed[0]].root_cause())
             if failure[1] is not None and failure == self._last_failure:
                 raise RolloutServerError(
                     f"rollout failed at step {step} again after a restart, with the same error: {failure[1]} "
                     f"(deterministic: the batch is redone with the same prompts and seeds; not restarting again): {e}"
                 ) from None
             self._last_failure = failure
-            log.warning(f"rollout server failed at step {step}: {str(e).splitlines()[0]} (root cause in its log: "
+            which = "server" if len(self.servers) == 1 else f"engine(s) {', '.join(map(str, failed))}"
+            log.warning(f"rollout {which} failed at step {step}: {str(e).splitlines()[0]} (root cause in its log: "
                         f"{failure[1] or 'none found'}); restarting it ({self.failures}/{limit}) and redoing the batch")
             sampler.load_state_dict(before)
-            self.server.stop()
-            self.server.start()
-            self.server.wait_healthy(self.cfg.rollout.startup_timeout_s)
-            self._connect_sync()
+            self._restart(failed)
             return ServerRestarted(step, failure[1])
         self.failures = 0
         algorithm.prepare(batch)
         if self.sleep_mode:
-            self.server.sleep(level=1)  # until the push: the update gets the GPU memory
+            self._each(lambda s: s.sleep(level=1))  # until the push: the update gets the GPU memory
         return batch
 
+    def _failed_engines(self, error: RolloutServerError) -> list[int]:
+        """The engines to restart after `error`: the one that raised it and any that are dead
+        (all of them when neither is known)."""
+        failed = [i for i, s in enumerate(self.servers) if s is error.server or not s.alive()]
+        return failed or list(range(len(self.servers)))
+
+    def _restart(self, engines: list[int]) -> None:
+        """Stop and start these engines (same ports and GPUs), reconnect their weight sync;
+        the others keep running. The trainer pushes its weights next (ServerRestarted). A
+        server dies with the thread that starts it (rollout/process.py): call from one that
+        lives as long as the run (the trainer's, or the rollouts-ahead thread)."""
+        from .engines import start_all
+
+        servers = [self.servers[i] for i in engines]
+        for s in servers:
+            s.stop()
+        start_all(servers, self.cfg.rollout.startup_timeout_s)
+        self._connect_sync(engines)
+
     def push(self, named: Iterable) -> dict:
-        """Push the exported policy (name, tensor) pairs into the server. A push that fails
-        because our own server died leaves it to the next rollout to restart the server and
-        push again; the export is still drained (the other ranks are in its gathers)."""
+        """Push the exported policy (name, tensor) pairs into every engine. A push that fails
+        because one of our own engines died leaves it to the next rollout to restart that
+        engine and push again; the export is still drained (the other ranks are in its gathers)."""
         try:
             if self.sleep_mode:
-                self.server.wake_up()
+                self._each(lambda s: s.wake_up())
             return self.sync.push(named)
         except RolloutServerError as e:
-            if self.attached or not self.server.dies_within(10.0):
+            dead = e.server if e.server is not None else self.servers[0]
+            if self.attached or not dead.dies_within(10.0):
                 raise
-            log.warning(f"weight push failed, the server is dead: {str(e).splitlines()[0]}")
+            log.warning(f"weight push failed, {dead.describe()} is dead: {str(e).splitlines()[0]}")
             for _ in named:
                 pass
             return {}

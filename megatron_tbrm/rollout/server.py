@@ -55,7 +55,12 @@ def first_exception(log_text: str) -> str | None:
 
 
 class RolloutServerError(RuntimeError):
-    """The rollout server failed: did not start, died, or answered with an error."""
+    """The rollout server failed: did not start, died, or answered with an error. `server`:
+    the VLLMServer that failed, when known (which engine to restart)."""
+
+    def __init__(self, message: str, server: "VLLMServer | None" = None):
+        super().__init__(message)
+        self.server = server
 
 
 # Servers this process owns, stopped on SIGTERM/SIGHUP and at exit.
@@ -346,7 +351,7 @@ class VLLMServer:
         msg = f"{self.describe()} {what}"
         if self.log_path:
             msg += f"\n--- last lines of {self.log_path} ---\n{self.log_tail()}"
-        return RolloutServerError(msg)
+        return RolloutServerError(msg, server=self)
 
     # ------------------------------------------------------------------ dev endpoints
     def post(self, path: str, json: Any = None, params: dict | None = None, timeout: float = 600.0,

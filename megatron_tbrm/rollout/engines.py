@@ -1,0 +1,59 @@
+"""Several vLLM engines side by side: where each runs, and calling all of them at once.
+
+An engine is one vLLM server (rollout.engines of them, each rollout.tensor_parallel_size
+GPUs); they hold the same weights and answer the same requests alike (per-request seeds), so
+any engine can serve any request. The client routes (client.py), the weight sync pushes into
+every one (weight_sync.py), the manager starts, restarts, sleeps and wakes them (manager.py).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
+
+if TYPE_CHECKING:
+    from .server import VLLMServer
+
+T = TypeVar("T")
+
+
+def engine_devices(engines: int, tensor_parallel_size: int, visible: Optional[str] = None) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each engine: engine i gets devices i*tp .. (i+1)*tp - 1 of the
+    devices this process sees (`visible`: its own CUDA_VISIBLE_DEVICES, default the
+    environment's; unset: 0, 1, ...), so together they cover the first engines x tp GPUs and
+    no two share one. ValueError when there are fewer devices than that (a count is only
+    known from an explicit list; validation checks torch.cuda.device_count())."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    need = engines * tensor_parallel_size
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(need)]
+    if len(ids) < need:
+        raise ValueError(f"{engines} engines x tensor_parallel_size {tensor_parallel_size} need {need} GPUs; "
+                         f"CUDA_VISIBLE_DEVICES={visible!r} lists {len(ids)}")
+    return [",".join(ids[i * tensor_parallel_size:(i + 1) * tensor_parallel_size]) for i in range(engines)]
+
+
+def each(servers: Sequence["VLLMServer"], fn: Callable[["VLLMServer"], T]) -> list[T]:
+    """fn(server) for every engine at once (one thread each), results in order; the first
+    error (in engine order) is raised once every call has ended, so no call is left running
+    against an engine the caller goes on to recover."""
+    if len(servers) == 1:
+        return [fn(servers[0])]
+    with ThreadPoolExecutor(len(servers)) as pool:
+        futures = [pool.submit(fn, s) for s in servers]
+        for f in futures:
+            f.exception()  # wait for all
+    return [f.result() for f in futures]
+
+
+def start_all(servers: Sequence["VLLMServer"], timeout: float) -> None:
+    """Start every engine, then wait for all to be healthy (they load in parallel). On an
+    error every engine started here is stopped again."""
+    try:
+        for s in servers:
+            s.start()
+        each(servers, lambda s: s.wait_healthy(timeout))
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
