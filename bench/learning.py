@@ -5,6 +5,9 @@
     python bench/learning.py seeds --seeds 0 1 2 3 4 [--out runs/learn/seeds] [-- key.sub=value ...]
     # item 3: TBRM n=1, GRPO n=4 (same samples per step) and TBRM n=4 from the same warm starts
     python bench/learning.py compare --warm runs/learn/seeds/seed0 --seeds 0 1 2 [--out runs/learn/compare]
+    # issue 18 item 4: the same, with stale rollouts (train.max_staleness k)
+    python bench/learning.py compare --warm runs/learn/seeds/seed0 --seeds 0 1 2 --out runs/learn/staleness \
+        --methods tbrm_n1 tbrm_n1_k1 tbrm_n1_k2 grpo_n4_k1 grpo_n4_k1_recompute
     # why a run did (not) learn: V(s_1), residuals on successes and failures, grad norm, the
     # log-ratio of successful responses, reward and held-out accuracy per window of steps
     python bench/learning.py diag RUN_DIR [RUN_DIR ...] [--window 25]
@@ -36,7 +39,20 @@ METHODS = {
     "tbrm_n1": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64"],
     "grpo_n4": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16"],
     "tbrm_n4": ["loss.name=tbrm", "rollout.n=4", "train.prompts_per_step=16"],
+    # Staleness (issue 18 item 4): rollouts for the next k steps overlap the update. TBRM uses
+    # no correction; GRPO's ratio is taken against the sampler's log-probs (its off-policy
+    # correction) or, as "recompute", against the policy before the update (none: the setting
+    # public async runs have seen collapse). GRPO at lr 1e-4, where it learned synchronously
+    # (it collapsed at the recipe's 3e-4: docs/learning.md section 4).
+    "tbrm_n1_k1": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", "train.max_staleness=1"],
+    "tbrm_n1_k2": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", "train.max_staleness=2"],
+    "grpo_n4_k1": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", "train.max_staleness=1",
+                   "loss.old_logprobs=rollout", "optim.lr=1.0e-4"],
+    "grpo_n4_k1_recompute": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", "train.max_staleness=1",
+                             "loss.old_logprobs=recompute", "optim.lr=1.0e-4"],
 }
+# The side-by-side of issue 15 item 3; `--methods` picks others (e.g. the staleness ones).
+DEFAULT_METHODS = ["tbrm_n1", "grpo_n4", "tbrm_n4"]
 
 
 def _env() -> dict:
@@ -217,7 +233,7 @@ def main(argv=None) -> None:
     c = sub.add_parser("compare")
     c.add_argument("--warm", required=True, help="a demo folder (its sft_model and data)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    c.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    c.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     c.add_argument("--steps", type=int, default=150)
     c.add_argument("--out", default="runs/learn/compare")
     c.add_argument("--skip-done", action="store_true")

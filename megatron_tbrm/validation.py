@@ -72,8 +72,8 @@ def _check_token_budget(cfg: Config, seq: int, dp: int, trajectories: int) -> No
 
 
 def _check_engines(cfg: Config) -> None:
-    """rollout.engines against the server URLs and, with CUDA, the local GPUs: the engines the
-    trainer starts each take rollout.tensor_parallel_size GPUs of their own on this node."""
+    """rollout.engines against the server URLs and the local GPUs (CPU cores without CUDA): the
+    engines the trainer starts each take rollout.tensor_parallel_size GPUs (cores) of their own."""
     r = cfg.rollout
     if r.engines != "auto" and r.engines < 1:
         raise ConfigError(f"config key 'rollout.engines': got {r.engines!r}, expected a positive integer or 'auto'")
@@ -98,6 +98,14 @@ def _check_engines(cfg: Config) -> None:
                               f"{r.tensor_parallel_size} = {n * r.tensor_parallel_size} GPUs, but this node has "
                               f"{gpus}: each engine needs GPUs of its own (use rollout.engines=auto for "
                               f"{max(gpus // r.tensor_parallel_size, 1)})")
+    elif not urls:
+        cores = len(os.sched_getaffinity(0))
+        n = r.engine_count(0)
+        if n > 1 and n * r.tensor_parallel_size > cores:
+            raise ConfigError(f"config keys 'rollout.engines' x 'rollout.tensor_parallel_size' = {n} x "
+                              f"{r.tensor_parallel_size} = {n * r.tensor_parallel_size} CPU workers, but this process "
+                              f"may use {cores} cores: each engine's workers need cores of their own "
+                              f"(engines sharing cores run slower than one; docs/throughput.md)")
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:

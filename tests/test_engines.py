@@ -32,7 +32,7 @@ from megatron_tbrm.config import ConfigError, load_config, validate
 from megatron_tbrm.demo.arithmetic import make_arithmetic_splits
 from megatron_tbrm.rollout import RolloutClient
 from megatron_tbrm.rollout.batch import RolloutBatch, ServerRestarted
-from megatron_tbrm.rollout.engines import engine_devices
+from megatron_tbrm.rollout.engines import engine_cpu_binds, engine_devices
 from megatron_tbrm.rollout.manager import RolloutManager
 from megatron_tbrm.weight_sync import WeightSync, logprob_gap
 
@@ -113,6 +113,17 @@ def test_engine_devices_split_the_visible_gpus():
         engine_devices(2, 2, "0,1,2")
 
 
+def test_engine_cpu_binds_split_the_cores():
+    assert engine_cpu_binds(1, 1, [0, 1]) == [None]  # one engine: vLLM's own binding
+    assert engine_cpu_binds(2, 1, [0, 1]) == ["0", "1"]
+    assert engine_cpu_binds(2, 2, range(8)) == ["0,1|2,3", "4,5|6,7"]  # one list per TP worker
+    assert engine_cpu_binds(2, 1, [4, 6, 5, 7, 9]) == ["4,5", "6,7"]  # the allowed cores, in order; a spare unused
+    with pytest.raises(ValueError, match="3 CPU engines x tensor_parallel_size 1 need 3 cores"):
+        engine_cpu_binds(3, 1, [0, 1])
+    with pytest.raises(ConfigError, match=r"'rollout.engines' x 'rollout.tensor_parallel_size' = 3 x 1 = 3 CPU workers"):
+        validate(load_config(None, ["model.path=x", "rollout.engines=3"]), world_size=1)
+
+
 @pytest.fixture
 def fake_gpus(monkeypatch):
     """torch.cuda with 8 devices: CUDA cannot run here (mocked, for the placement only)."""
@@ -180,6 +191,9 @@ def test_two_engines_run_apart(manager):
     assert os.getpgid(a.proc.pid) != os.getpgid(b.proc.pid)
     assert [s.log_path for s in manager.servers] == [manager.run_dir / "vllm" / f"engine{i}" / "server.log"
                                                      for i in range(2)]
+    # each engine's worker on its own core, as vLLM itself reports the binding it applied
+    bound = [re.findall(r"local_rank=0, core ids=\[([\d, ]+)\]", s.log_path.read_text()) for s in manager.servers]
+    assert bound == [[", ".join(b.split(","))] for b in engine_cpu_binds(2, 1)], bound  # [["0"], ["1"]] on 2 cores
 
 
 def test_requests_land_on_both_engines_and_samples_do_not_depend_on_the_engine(manager):

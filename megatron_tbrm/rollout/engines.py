@@ -33,6 +33,31 @@ def engine_devices(engines: int, tensor_parallel_size: int, visible: Optional[st
     return [",".join(ids[i * tensor_parallel_size:(i + 1) * tensor_parallel_size]) for i in range(engines)]
 
 
+def engine_cpu_binds(engines: int, tensor_parallel_size: int, cpus: Optional[Sequence[int]] = None) -> list[Optional[str]]:
+    """VLLM_CPU_OMP_THREADS_BIND of each engine on a CPU host: the cores this process may use
+    (`cpus`, default os.sched_getaffinity(0)) split into `engines` equal disjoint shares, each
+    share split over the engine's tensor_parallel_size workers ("0-3|4-7": one list per worker).
+
+    Without it every vLLM CPU engine binds its worker to the same cores (vLLM's "auto" takes the
+    last cores of the NUMA node), so a second engine only competes with the first (measured in
+    docs/throughput.md: 3.3x slower than one engine on 2 cores). One engine keeps vLLM's
+    "auto" (None). ValueError when there are fewer cores than engines x tensor_parallel_size."""
+    if engines == 1:
+        return [None]
+    cores = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    need = engines * tensor_parallel_size
+    if len(cores) < need:
+        raise ValueError(f"{engines} CPU engines x tensor_parallel_size {tensor_parallel_size} need {need} cores "
+                         f"(one per worker); this process may use {len(cores)}")
+    per_engine, per_worker = len(cores) // engines, len(cores) // engines // tensor_parallel_size
+    binds = []
+    for e in range(engines):
+        share = cores[e * per_engine:(e + 1) * per_engine]
+        workers = [share[w * per_worker:(w + 1) * per_worker] for w in range(tensor_parallel_size)]
+        binds.append("|".join(",".join(map(str, w)) for w in workers))
+    return binds
+
+
 def each(servers: Sequence["VLLMServer"], fn: Callable[["VLLMServer"], T]) -> list[T]:
     """fn(server) for every engine at once (one thread each), results in order; the first
     error (in engine order) is raised once every call has ended, so no call is left running

@@ -33,8 +33,10 @@ VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _devices(server) -> str:
-    gpus = (server.env or {}).get("CUDA_VISIBLE_DEVICES")
-    return f" (GPUs {gpus})" if gpus else ""
+    env = server.env or {}
+    if env.get("CUDA_VISIBLE_DEVICES"):
+        return f" (GPUs {env['CUDA_VISIBLE_DEVICES']})"
+    return f" (cores {env['VLLM_CPU_OMP_THREADS_BIND']})" if env.get("VLLM_CPU_OMP_THREADS_BIND") else ""
 
 
 class RolloutManager:
@@ -83,15 +85,21 @@ class RolloutManager:
 
     def _owned_engines(self) -> list:
         """The VLLMServer of each engine this process starts: engine i on its own
-        tensor_parallel_size GPUs (CUDA_VISIBLE_DEVICES), port rollout.port + i (or a free one),
+        tensor_parallel_size GPUs (CUDA_VISIBLE_DEVICES) or, on CPU, its own cores
+        (VLLM_CPU_OMP_THREADS_BIND), port rollout.port + i (or a free one),
         its log in RUN/vllm/server.log (one engine) or RUN/vllm/engine<i>/server.log."""
-        from .engines import engine_devices
+        from .engines import engine_cpu_binds, engine_devices
         from .server import VLLMServer
 
         r = self.cfg.rollout
         cuda = torch.cuda.is_available()
         count = r.engine_count(torch.cuda.device_count() if cuda else 0)
-        devices = engine_devices(count, r.tensor_parallel_size) if cuda else [None] * count
+        # GPUs: CUDA_VISIBLE_DEVICES per engine; CPU: each engine's workers on their own cores
+        if cuda:
+            env = [{"CUDA_VISIBLE_DEVICES": d} for d in engine_devices(count, r.tensor_parallel_size)]
+        else:
+            env = [{"VLLM_CPU_OMP_THREADS_BIND": b} if b else None
+                   for b in engine_cpu_binds(count, r.tensor_parallel_size)]
         dtype = r.dtype or self.cfg.model.dtype
         extra = list(r.extra_args)
         if cuda and r.kv_cache_bytes is None:
@@ -102,7 +110,7 @@ class RolloutManager:
             tensor_parallel_size=r.tensor_parallel_size, seed=self.cfg.parallel.seed, extra_args=extra,
             enable_sleep_mode=self.sleep_mode and cuda,
             work_dir=self.run_dir / "vllm" / (f"engine{i}" if count > 1 else ""),
-            env={"CUDA_VISIBLE_DEVICES": devices[i]} if devices[i] is not None else None,
+            env=env[i],
         ) for i in range(count)]
 
     def _connect_sync(self, engines: Optional[list[int]] = None) -> None:
