@@ -7,7 +7,9 @@ sft_pool=4000`; the default is the demo's recipe. For each seed: write the demo'
 base model once under OUT, run `torchrun --nproc-per-node 2 -m megatron_tbrm.demo.sft` with the
 recipe's flags (under `flock /tmp/heavy.lock` unless --no-lock), one seed at a time, and keep
 OUT/seed<S>.json (sft.py --metrics-out). Prints a table: seed, band status, the step it
-stopped at, the probe there, the best probe, the training loop's seconds; and OUT/table.json.
+stopped at, the probe there and the one before it (how far one probe interval jumps: a jump
+over the band is a failed warm start too), the training loop's seconds; and OUT/table.json.
+`--table-only` re-prints the table from OUT's seed<S>.json files without running anything.
 Exit status 1 if any seed ended outside the band.
 """
 from __future__ import annotations
@@ -51,10 +53,13 @@ def main() -> int:
     ap.add_argument("--out", default="runs/warmstart/demo")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--no-lock", action="store_true", help="do not wrap each run in flock /tmp/heavy.lock")
+    ap.add_argument("--table-only", action="store_true", help="tabulate OUT/seed<S>.json, run nothing")
     ap.add_argument("knobs", nargs="*", help="DemoWarmStart field=value")
     a = ap.parse_args()
     ws = parse_knobs(a.knobs)
     out = (REPO / a.out).resolve()
+    if a.table_only:
+        return table(out, [_row(s, json.loads((out / f"seed{s}.json").read_text())) for s in a.seeds], ws)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(ws), indent=1) + "\n")
     data = ws.write_data(out / "data")
@@ -80,17 +85,28 @@ def main() -> int:
             print(f"[warmstart] seed {seed}: no metrics (exit {rc}), see {out / f'seed{seed}.log'}", flush=True)
             rows.append({"seed": seed, "band_status": f"crashed (exit {rc})"})
             continue
-        r = json.loads(metrics.read_text())
-        row = {"seed": seed, "band_status": r["band_status"], "step": r["steps"], "probe": r["probe_accuracy"],
-               "best_probe": max(p["greedy_exact"] for p in r["probe"]), "seconds": round(r["seconds"], 1),
-               "wall_seconds": round(time.time() - t0, 1), "ce_last": r["ce_last"]}
+        row = dict(_row(seed, json.loads(metrics.read_text())), wall_seconds=round(time.time() - t0, 1))
         rows.append(row)
         print(f"[warmstart] seed {seed}: {row}", flush=True)
+    return table(out, rows, ws)
+
+
+def _row(seed: int, r: dict) -> dict:
+    """One seed's sft.py --metrics-out -> a table row."""
+    probes = r["probe"]
+    return {"seed": seed, "band_status": r["band_status"], "step": r["steps"], "probe": r["probe_accuracy"],
+            "prev_probe": probes[-2]["greedy_exact"] if len(probes) > 1 else None,
+            "best_probe": max(p["greedy_exact"] for p in probes), "seconds": round(r["seconds"], 1),
+            "ce_last": r["ce_last"]}
+
+
+def table(out: Path, rows: list[dict], ws: DemoWarmStart) -> int:
+    """Print the markdown table, write OUT/table.json; 0 if every seed is in its band, else 1."""
     (out / "table.json").write_text(json.dumps({"recipe": dataclasses.asdict(ws), "rows": rows}, indent=1) + "\n")
-    print(f"\n| seed | status | step | probe | best probe | seconds |\n|---|---|---|---|---|---|")
+    print(f"\n| seed | status | step | probe | probe before | seconds |\n|---|---|---|---|---|---|")
     for r in rows:
         if "step" in r:
-            print(f"| {r['seed']} | {r['band_status']} | {r['step']} | {r['probe']:.3f} | {r['best_probe']:.3f} | {r['seconds']:.0f} |")
+            print(f"| {r['seed']} | {r['band_status']} | {r['step']} | {r['probe']:.3f} | {r['prev_probe']:.3f} | {r['seconds']:.0f} |")
         else:
             print(f"| {r['seed']} | {r['band_status']} | | | | |")
     return 0 if all(r["band_status"] == "in_band" for r in rows) else 1

@@ -13,11 +13,11 @@ Each example is the prompt as the rollouts see it (megatron_tbrm.data's chat tem
 system prompt, add_generation_prompt=True) followed by `arithmetic_solution(prompt)` and the
 EOS token (<|im_end|>); the loss is -sum of log pi over the response tokens divided by their
 number (megatron-core's per-token-loss convention, so the mean is over every response token
-of the global batch whatever TP/PP/DP and the micro-batch size). Adam, linear warmup, cosine
-decay to `min_lr_ratio * lr`.
+of the global batch whatever TP/PP/DP and the micro-batch size). Adam (decoupled weight
+decay), linear warmup, cosine decay to `min_lr_ratio * lr`.
 
-The demo's settings are the defaults below; why they are what they are, and what they
-measured: docs/demo.md ("Warm start").
+The demo's warm start is DemoWarmStart below (data splits, schedule, band); what it measured
+over seeds: docs/learning.md section 1 (`bench/warmstart.py`).
 """
 
 from __future__ import annotations
