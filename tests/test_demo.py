@@ -75,4 +75,34 @@ def test_failed_warm_start_stops_the_demo(tmp_path, monkeypatch, capsys):
     probe = {json.loads(x)["prompt"] for x in (data / "probe.jsonl").read_text().splitlines()}
     train = {json.loads(x)["prompt"] for x in (data / "train.jsonl").read_text().splitlines()}
     test = {json.loads(x)["prompt"] for x in (data / "test.jsonl").read_text().splitlines()}
-    assert len(probe) == 400 and not probe & train and not probe & test
+    sft = {json.loads(x)["prompt"] for x in (data / "sft_train.jsonl").read_text().splitlines()}
+    assert len(probe) == 400 and not probe & train and not probe & test and not probe & sft and not test & sft
+
+
+def _prompts(path: Path) -> list[str]:
+    return [json.loads(x)["prompt"] for x in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("disjoint_from_rl", [False, True])
+def test_warm_start_data_splits(tmp_path, disjoint_from_rl):
+    """The demo's splits (DemoWarmStart.write_data): the probe and the RL eval set share no
+    problem with each other nor with either training set; the SFT pool has the size asked
+    for, without repeats, and meets the RL training set only when allowed to."""
+    import dataclasses
+
+    from megatron_tbrm.demo.sft import DEMO_WARM_START
+
+    ws = dataclasses.replace(DEMO_WARM_START, sft_pool=5400 if disjoint_from_rl else DEMO_WARM_START.sft_pool,
+                             sft_pool_disjoint_from_rl=disjoint_from_rl)
+    files = ws.write_data(tmp_path)
+    p = {k: _prompts(v) for k, v in files.items()}
+    sizes = {"rl_train": ws.n_rl_train, "rl_eval": ws.n_rl_eval, "probe": ws.probe_size, "sft_train": ws.sft_pool}
+    for k, v in p.items():
+        assert len(v) == len(set(v)) == sizes[k], k
+    s = {k: set(v) for k, v in p.items()}
+    for held in ("rl_eval", "probe"):
+        for other in s.keys() - {held}:
+            assert not s[held] & s[other], (held, other)
+    assert bool(s["sft_train"] & s["rl_train"]) is not disjoint_from_rl
+    with pytest.raises(ValueError, match="outside the held-out sets"):
+        dataclasses.replace(ws, sft_pool=ws.sft_pool + 1).sft_positions()

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -87,7 +88,7 @@ def summarize(run_dir: Path, out: Path, t0: float, warm_start: dict | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .sft import DEMO_BAND, DEMO_SFT_STEPS
+    from .sft import DEMO_WARM_START as WS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
@@ -95,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0,
                     help="RL seed (parallel.seed and data.seed); `make demo` is the seed-0 row of docs/learning.md")
     ap.add_argument("--sft-seed", type=int, default=0, help="warm-start seed (its data order)")
-    ap.add_argument("--sft-band", type=float, nargs=2, default=list(DEMO_BAND), metavar=("LO", "HI"),
+    ap.add_argument("--sft-band", type=float, nargs=2, default=list(WS.band), metavar=("LO", "HI"),
                     help="the warm start stops at the first held-out probe greedy accuracy in [LO, HI]")
-    ap.add_argument("--sft-steps", type=int, default=DEMO_SFT_STEPS,
+    ap.add_argument("--sft-steps", type=int, default=WS.steps,
                     help="the warm start's schedule (it stops earlier, inside the band)")
     ap.add_argument("--reuse-sft", action="store_true",
                     help="keep an existing warm start in OUT/sft_model (its sft.json must say in_band)")
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides for the TBRM recipe")
     a = ap.parse_args(argv)
 
-    from .arithmetic import make_arithmetic_dataset, make_arithmetic_splits
-    from .sft import DEMO_DATA, DEMO_MODEL_SPEC, DEMO_PROBE_EVERY, DEMO_PROBE_SIZE
+    from .sft import DEMO_MODEL_SPEC
     from .tiny import TinyModelSpec, write_tiny_model
 
     t0 = time.time()
@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[demo] 1/4 tiny model + tokenizer", flush=True)
     write_tiny_model(base, TinyModelSpec(**DEMO_MODEL_SPEC))
-    train, test = make_arithmetic_splits(data_dir, n_train=4000, n_test=200, seed=0, **DEMO_DATA)
-    # The warm start's held-out probe: disjoint from the training set and from the RL eval set.
-    probe = make_arithmetic_dataset(data_dir / "probe.jsonl", DEMO_PROBE_SIZE, 0, skip=4200, **DEMO_DATA)
+    # RL train/eval sets, the warm start's held-out probe and its SFT pool; the probe and the
+    # RL eval set are disjoint from each other and from both training sets (DemoWarmStart).
+    data = WS.write_data(data_dir)
+    train, test, probe = data["rl_train"], data["rl_eval"], data["probe"]
 
     # Stop the warm start once greedy decoding is right sometimes, not often, on held-out
     # problems (see megatron_tbrm/sft.py).
@@ -126,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     sft_json = out / "sft.json"
     if not (a.reuse_sft and sft_json.exists() and json.loads(sft_json.read_text()).get("band_status") == "in_band"):
         sft_json.unlink(missing_ok=True)
-        sft = ["--model", str(base), "--data", str(train), "--out", str(sft_model), "--steps", str(a.sft_steps),
-               "--decay-steps", str(a.sft_steps), "--seed", str(a.sft_seed), "--probe", str(probe), "--probe-every", str(DEMO_PROBE_EVERY),
-               "--band", str(lo), str(hi), "--metrics-out", str(sft_json)]
+        sft = ["--model", str(base), "--data", str(data["sft_train"]), "--out", str(sft_model),
+               *WS.cli_args(steps=a.sft_steps, band=(lo, hi)),
+               "--seed", str(a.sft_seed), "--probe", str(probe), "--metrics-out", str(sft_json)]
         # A warm start outside its band exits 3 (torchrun reports it as 1) after writing sft.json.
         rc = _run(torchrun(a.nproc, "megatron_tbrm.demo.sft", *sft), "2/4 supervised warm start (Megatron, DP=2)",
                   ok=(0, 1, WARM_START_FAILED))
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ws = json.loads(sft_json.read_text())
     warm_start = {"probe_accuracy": ws["probe_accuracy"], "probe_size": ws["probe_size"], "sft_steps": ws["steps"],
                   "band": ws["band"], "band_status": ws["band_status"], "sft_seed": a.sft_seed,
-                  "sft_seconds": round(ws["seconds"], 1)}
+                  "sft_seconds": round(ws["seconds"], 1), "recipe": dataclasses.asdict(WS)}
     if ws["band_status"] != "in_band":
         print(f"\n[demo] STOP: the warm start failed ({ws['band_status']}): held-out probe greedy accuracy "
               f"{ws['probe_accuracy']:.3f} after {ws['steps']} SFT steps, outside the band [{lo:.2f}, {hi:.2f}]. "

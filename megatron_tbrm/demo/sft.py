@@ -13,11 +13,11 @@ Each example is the prompt as the rollouts see it (megatron_tbrm.data's chat tem
 system prompt, add_generation_prompt=True) followed by `arithmetic_solution(prompt)` and the
 EOS token (<|im_end|>); the loss is -sum of log pi over the response tokens divided by their
 number (megatron-core's per-token-loss convention, so the mean is over every response token
-of the global batch whatever TP/PP/DP and the micro-batch size). Adam, linear warmup, cosine
-decay to `min_lr_ratio * lr`.
+of the global batch whatever TP/PP/DP and the micro-batch size). Adam (decoupled weight
+decay), linear warmup, cosine decay to `min_lr_ratio * lr`.
 
-The demo's settings are the defaults below; why they are what they are, and what they
-measured: docs/demo.md ("Warm start").
+The demo's warm start is DemoWarmStart below (data splits, schedule, band); what it measured
+over seeds: docs/learning.md section 1 (`bench/warmstart.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -39,7 +40,7 @@ from .arithmetic import arithmetic_solution
 
 log = get_logger(__name__)
 
-# The demo's settings (docs/demo.md, "Warm start").
+# The CLI's defaults (docs/demo.md, "Warm start"); the demo's own settings: DemoWarmStart.
 DEFAULT_STEPS = 230
 DEFAULT_BATCH = 64
 DEFAULT_LR = 2e-3
@@ -47,16 +48,85 @@ DEFAULT_WARMUP = 10
 DEFAULT_MIN_LR_RATIO = 0.1
 DEFAULT_DECAY_STEPS = 300
 DEFAULT_PROBE_EVERY = 5
-# The demo's warm start: held-out probe greedy exact match inside this band (right sometimes,
-# not often), on a schedule long enough to pass the transition with margin, probed every 3
-# steps (the transition climbs ~0.04 per 5 steps). TBRM n=1 with the demo recipe did not move
-# starts at 0.05-0.10 held-out (docs/learning.md), hence 0.20-0.30.
-DEMO_BAND = (0.20, 0.30)
-DEMO_SFT_STEPS = 600
-DEMO_PROBE_SIZE = 400
-DEMO_PROBE_EVERY = 3
+DEFAULT_ADAM_BETA2 = 0.999
 DEMO_MODEL_SPEC = dict(layers=2, hidden=256, heads=8, kv_heads=4, ffn=512)  # TinyModelSpec(**...)
-DEMO_DATA = dict(digits=2, ops="+")  # make_arithmetic_splits(out, 4000, 200, **DEMO_DATA)
+DEMO_DATA = dict(digits=2, ops="+")  # the task: 2-digit addition, 10,000 distinct problems
+
+
+@dataclass(frozen=True)
+class DemoWarmStart:
+    """The demo's warm start, every knob in one place (measured: docs/learning.md section 1).
+
+    Data: one seeded draw (`data_seed`) of every problem of DEMO_DATA, cut by position into
+    the RL training set [0, n_rl_train), the RL eval set (n_rl_eval next), the probe
+    (probe_size next), and the SFT pool: `sft_pool` problems taken from the positions outside
+    the eval set and the probe, the RL training set first unless `sft_pool_disjoint_from_rl`
+    (then only positions after the probe). The eval set and the probe never meet the SFT
+    pool; a larger pool keeps the tiny model from memorizing its problems instead of learning
+    addition.
+    Training: `steps` (a cosine schedule over all of them, `warmup_steps` of linear warmup,
+    down to lr x min_lr_ratio), `batch` examples per step, Adam (beta2 `adam_beta2`, decoupled
+    `weight_decay`); stops at the first probe (every `probe_every` steps) inside `band`
+    (greedy exact match on the probe: right sometimes, not often)."""
+
+    steps: int = 600
+    batch: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0
+    band: tuple[float, float] = (0.20, 0.30)
+    probe_size: int = 400
+    probe_every: int = 3
+    n_rl_train: int = 4000
+    n_rl_eval: int = 200
+    sft_pool: int = 9400
+    sft_pool_disjoint_from_rl: bool = False
+    data_seed: int = 0
+
+    def space(self) -> int:
+        """Distinct problems of DEMO_DATA (2-digit addition: 10,000)."""
+        return (10 ** DEMO_DATA["digits"]) ** 2 * len(DEMO_DATA["ops"])
+
+    def sft_positions(self) -> list[int]:
+        """Positions of the SFT pool in the seeded draw. Raises ValueError if the pool does
+        not fit outside the eval set and the probe (and the RL set, if disjoint from it)."""
+        held = self.n_rl_train + self.n_rl_eval + self.probe_size
+        free = list(range(held, self.space()))
+        if not self.sft_pool_disjoint_from_rl:
+            free = list(range(self.n_rl_train)) + free
+        if self.sft_pool > len(free):
+            raise ValueError(f"sft_pool={self.sft_pool}: only {len(free)} problems lie outside the held-out sets")
+        return free[:self.sft_pool]
+
+    def write_data(self, data_dir: str | Path) -> dict[str, Path]:
+        """train.jsonl / test.jsonl (RL), probe.jsonl, sft_train.jsonl in data_dir (JSONL rows
+        {"prompt", "answer"}); returns their paths by name: rl_train, rl_eval, probe, sft_train."""
+        from .arithmetic import arithmetic_problems, arithmetic_row, make_arithmetic_dataset, make_arithmetic_splits
+
+        data_dir = Path(data_dir)
+        train, test = make_arithmetic_splits(data_dir, self.n_rl_train, self.n_rl_eval, seed=self.data_seed, **DEMO_DATA)
+        probe = make_arithmetic_dataset(data_dir / "probe.jsonl", self.probe_size, self.data_seed,
+                                        skip=self.n_rl_train + self.n_rl_eval, **DEMO_DATA)
+        draw = arithmetic_problems(self.space(), self.data_seed, **DEMO_DATA)
+        sft = data_dir / "sft_train.jsonl"
+        with open(sft, "w", encoding="utf-8") as f:
+            for i in self.sft_positions():
+                f.write(json.dumps(arithmetic_row(*draw[i])) + "\n")
+        return {"rl_train": train, "rl_eval": test, "probe": probe, "sft_train": sft}
+
+    def cli_args(self, steps: Optional[int] = None, band: Optional[tuple[float, float]] = None) -> list[str]:
+        """The sft.py flags for this recipe (data, model, probe, seed and output paths not
+        included); `steps`/`band` replace the recipe's."""
+        steps, band = steps or self.steps, band or self.band
+        return ["--steps", str(steps), "--decay-steps", str(steps), "--batch", str(self.batch), "--lr", str(self.lr),
+                "--warmup-steps", str(self.warmup_steps), "--min-lr-ratio", str(self.min_lr_ratio),
+                "--adam-beta2", str(self.adam_beta2), "--weight-decay", str(self.weight_decay),
+                "--probe-every", str(self.probe_every), "--band", str(band[0]), str(band[1])]
+
+
+DEMO_WARM_START = DemoWarmStart()
 
 # Files of an HF folder that hold weights: never copied from the source, the exported
 # model.safetensors replaces them.
@@ -188,7 +258,8 @@ def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = D
             min_lr_ratio: float = DEFAULT_MIN_LR_RATIO, decay_steps: Optional[int] = DEFAULT_DECAY_STEPS,
             progress: bool = True, stop_at_match: Optional[float] = None,
             probe: str | Path | None = None, probe_every: int = DEFAULT_PROBE_EVERY,
-            band: Optional[tuple[float, float]] = None) -> dict:
+            band: Optional[tuple[float, float]] = None, adam_beta2: float = DEFAULT_ADAM_BETA2,
+            weight_decay: float = 0.0) -> dict:
     """Train `model` (an HF folder) on the prompts of `data` and write the result to `out`.
 
     Works under torchrun (any TP x PP dividing the world; the rest is DP) and in a plain
@@ -241,7 +312,8 @@ def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = D
             warmup_steps = min(DEFAULT_WARMUP, steps // 10)
         eng = Engine(cfg, OptimSettings(lr=lr, min_lr=lr * min_lr_ratio, warmup_steps=warmup_steps,
                                         decay="cosine", total_steps=max(decay_steps or steps, steps),
-                                        clip_grad=1.0), init_weights=False)  # imported next
+                                        clip_grad=1.0, adam_beta2=adam_beta2, weight_decay=weight_decay),
+                     init_weights=False)  # imported next
         import_hf_weights(eng.chunks, cfg, model)
         eng.optimizer.reload_model_params()  # the optimizer's main copies follow the imported weights
         loss_fn = make_loss_fn(cfg.vocab_size)
@@ -336,6 +408,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--decay-steps", type=int, default=DEFAULT_DECAY_STEPS,
                     help="length of the cosine schedule (>= steps; a longer one stops before the end of the decay)")
     ap.add_argument("--min-lr-ratio", type=float, default=DEFAULT_MIN_LR_RATIO, help="cosine decay ends at lr x this")
+    ap.add_argument("--adam-beta2", type=float, default=DEFAULT_ADAM_BETA2)
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="Adam's decoupled weight decay")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--micro-batch-size", type=int, default=None, help="default: the whole per-DP-rank batch")
@@ -355,7 +429,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                   micro_batch_size=a.micro_batch_size, seed=a.seed, warmup_steps=a.warmup_steps,
                   min_lr_ratio=a.min_lr_ratio, decay_steps=a.decay_steps, progress=not a.no_progress,
                   stop_at_match=a.stop_at_match, probe=a.probe, probe_every=a.probe_every,
-                  band=tuple(a.band) if a.band else None)
+                  band=tuple(a.band) if a.band else None, adam_beta2=a.adam_beta2, weight_decay=a.weight_decay)
     if int(os.environ.get("RANK", "0")) == 0:
         if a.metrics_out:
             Path(a.metrics_out).write_text(json.dumps(res, indent=1) + "\n")
