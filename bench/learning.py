@@ -7,7 +7,7 @@
     python bench/learning.py compare --warm runs/learn/seeds/seed0 --seeds 0 1 2 [--out runs/learn/compare]
     # issue 18 item 4: the same, with stale rollouts (train.max_staleness k)
     python bench/learning.py compare --warm runs/learn/seeds/seed0 --seeds 0 1 2 --out runs/learn/staleness \
-        --methods tbrm_n1 tbrm_n1_k1 tbrm_n1_k2 grpo_n4_k1 grpo_n4_k1_recompute
+        --methods tbrm_n1 tbrm_n1_k1 tbrm_n1_k2 grpo_n4_lr1e-4 grpo_n4_k1 grpo_n4_k1_recompute
     # why a run did (not) learn: V(s_1), residuals on successes and failures, grad norm, the
     # log-ratio of successful responses, reward and held-out accuracy per window of steps
     python bench/learning.py diag RUN_DIR [RUN_DIR ...] [--window 25]
@@ -44,6 +44,8 @@ METHODS = {
     # correction) or, as "recompute", against the policy before the update (none: the setting
     # public async runs have seen collapse). GRPO at lr 1e-4, where it learned synchronously
     # (it collapsed at the recipe's 3e-4: docs/learning.md section 4).
+    # GRPO's synchronous reference for the staleness runs, at their lr.
+    "grpo_n4_lr1e-4": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", "optim.lr=1.0e-4"],
     "tbrm_n1_k1": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", "train.max_staleness=1"],
     "tbrm_n1_k2": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", "train.max_staleness=2"],
     "grpo_n4_k1": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", "train.max_staleness=1",
@@ -209,7 +211,7 @@ def cmd_compare(a) -> None:
     for name in a.methods:
         per = []
         for r in done:
-            if not r.name.startswith(name + "_"):
+            if r.name.rsplit("_s", 1)[0] != name:  # exact: "tbrm_n1" must not take "tbrm_n1_k1_s0"
                 continue
             rows = _rows(r)
             ev = [x["eval_accuracy"] for x in rows if x.get("eval_accuracy") is not None]
