@@ -215,7 +215,11 @@ class _Standin(VLLMServer):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_owner_signal_stops_server_group(tmp_path, sig):
     script = textwrap.dedent(f"""
-        import os, sys, time
+        import os, signal, sys, time
+        # A background job of a non-interactive shell (CI runners, nohup ... &) starts with
+        # SIGINT ignored, and Python then never raises KeyboardInterrupt: this owner is a
+        # foreground program, as a user's trainer is.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_rollout import _Standin
         s = _Standin("unused", work_dir={str(tmp_path)!r}).start()
