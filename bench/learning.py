@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -206,8 +207,10 @@ def cmd_compare(a) -> None:
                          cwd=REPO, env=_env(), capture_output=True, text=True)
     print(res.stdout + res.stderr)
     (out / "compare.md").write_text(res.stdout)
-    # Mean over seeds per method: start, mean of the last 3 evaluations, wall time.
-    lines = ["| method | seeds | start | mean of last 3 evals | gain | RL wall time |", "|---|---|---|---|---|---|"]
+    # Mean over seeds per method: start, mean of the last 3 evaluations, wall time, and the step's
+    # clock (median s per step; staleness and idle times are logged with train.max_staleness > 0).
+    lines = ["| method | seeds | start | mean of last 3 evals | gain | RL wall time | median s/step | staleness mean / max "
+             "| trainer idle s/step | rollout idle s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in a.methods:
         per = []
         for r in done:
@@ -215,11 +218,18 @@ def cmd_compare(a) -> None:
                 continue
             rows = _rows(r)
             ev = [x["eval_accuracy"] for x in rows if x.get("eval_accuracy") is not None]
-            if len(ev) >= 2:
-                per.append((ev[0], _mean(ev[-3:]), max(x.get("wall_time") or 0 for x in rows)))
+            steps = [x for x in rows if x.get("step_s") is not None]
+            if len(ev) >= 2 and steps:
+                per.append((ev[0], _mean(ev[-3:]), max(x.get("wall_time") or 0 for x in rows),
+                            statistics.median(x["step_s"] for x in steps),
+                            _mean([x.get("staleness_mean", 0.0) for x in steps]),
+                            max(x.get("staleness_max", 0.0) for x in steps),
+                            _mean([x.get("trainer_idle_s", 0.0) for x in steps]),
+                            _mean([x.get("rollout_idle_s", 0.0) for x in steps])))
         if per:
-            s, e, w = (_mean([p[i] for p in per]) for i in range(3))
-            lines.append(f"| {name} | {len(per)} | {s:.3f} | {e:.3f} | {e - s:+.3f} | {w / 60:.1f} min |")
+            s, e, w, st, sm, sx, ti, ri = (_mean([p[i] for p in per]) for i in range(8))
+            lines.append(f"| {name} | {len(per)} | {s:.3f} | {e:.3f} | {e - s:+.3f} | {w / 60:.1f} min | {st:.2f} "
+                         f"| {sm:.2f} / {sx:.0f} | {ti:.2f} | {ri:.2f} |")
     print("\n".join(lines))
     (out / "compare_by_method.md").write_text("\n".join(lines) + "\n")
 
