@@ -193,7 +193,8 @@ class TrainSection:
     max_bad_steps: int = 3  # non-finite losses in a row before the run stops
     # Rollouts for the next max_staleness steps are generated while the current update runs
     # (0: synchronous). TBRM needs no correction for the stale data; GRPO's ratio is taken
-    # against the sampler's log-probs.
+    # against the sampler's log-probs. TBRM has no trust region either: on the demo, lr 3e-4
+    # learns with k=0 and collapses with k=1 and 2, lr 1.5e-4 learns with k=1 (docs/offpolicy.md).
     max_staleness: int = 0
 
 
