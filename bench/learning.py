@@ -212,24 +212,22 @@ def cmd_compare(a) -> None:
     lines = ["| method | seeds | start | mean of last 3 evals | gain | RL wall time | median s/step | staleness mean / max "
              "| trainer idle s/step | rollout idle s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in a.methods:
-        per = []
-        for r in done:
-            if r.name.rsplit("_s", 1)[0] != name:  # exact: "tbrm_n1" must not take "tbrm_n1_k1_s0"
-                continue
-            rows = _rows(r)
+        per = []  # one dict per finished run of this method
+        for r in (out / f"{name}_s{seed}" for seed in a.seeds):  # the names the loop above gave them
+            rows = _rows(r) if r in done else []
             ev = [x["eval_accuracy"] for x in rows if x.get("eval_accuracy") is not None]
             steps = [x for x in rows if x.get("step_s") is not None]
             if len(ev) >= 2 and steps:
-                per.append((ev[0], _mean(ev[-3:]), max(x.get("wall_time") or 0 for x in rows),
-                            statistics.median(x["step_s"] for x in steps),
-                            _mean([x.get("staleness_mean", 0.0) for x in steps]),
-                            max(x.get("staleness_max", 0.0) for x in steps),
-                            _mean([x.get("trainer_idle_s", 0.0) for x in steps]),
-                            _mean([x.get("rollout_idle_s", 0.0) for x in steps])))
+                per.append(dict(start=ev[0], last3=_mean(ev[-3:]), wall=max(x.get("wall_time") or 0 for x in rows),
+                                step_s=statistics.median(x["step_s"] for x in steps),
+                                **{k: _mean([x.get(k, 0.0) for x in steps])
+                                   for k in ("staleness_mean", "trainer_idle_s", "rollout_idle_s")},
+                                staleness_max=max(x.get("staleness_max", 0.0) for x in steps)))
         if per:
-            s, e, w, st, sm, sx, ti, ri = (_mean([p[i] for p in per]) for i in range(8))
-            lines.append(f"| {name} | {len(per)} | {s:.3f} | {e:.3f} | {e - s:+.3f} | {w / 60:.1f} min | {st:.2f} "
-                         f"| {sm:.2f} / {sx:.0f} | {ti:.2f} | {ri:.2f} |")
+            m = {k: _mean([p[k] for p in per]) for k in per[0]}
+            lines.append(f"| {name} | {len(per)} | {m['start']:.3f} | {m['last3']:.3f} | {m['last3'] - m['start']:+.3f} "
+                         f"| {m['wall'] / 60:.1f} min | {m['step_s']:.2f} | {m['staleness_mean']:.2f} / "
+                         f"{m['staleness_max']:.0f} | {m['trainer_idle_s']:.2f} | {m['rollout_idle_s']:.2f} |")
     print("\n".join(lines))
     (out / "compare_by_method.md").write_text("\n".join(lines) + "\n")
 
