@@ -44,7 +44,7 @@ METHODS = {
     # no correction; GRPO's ratio is taken against the sampler's log-probs (its off-policy
     # correction) or, as "recompute", against the policy before the update (none: the setting
     # public async runs have seen collapse). GRPO at lr 1e-4, where it learned synchronously
-    # (it collapsed at the recipe's 3e-4: docs/learning.md section 4).
+    # (it collapsed at 3e-4, the recipe's lr then: docs/learning.md section 4).
     # GRPO's synchronous reference for the staleness runs, at their lr.
     "grpo_n4_lr1e-4": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", "optim.lr=1.0e-4"],
     "tbrm_n1_k1": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", "train.max_staleness=1"],
