@@ -201,7 +201,10 @@ def test_requests_land_on_both_engines_and_samples_do_not_depend_on_the_engine(m
     sent, logged = client.requests_per_engine(), access_counts(manager)
     trajs = client.generate(PROMPTS, n=2, max_tokens=12, seed=3, progress=False)
     per_engine = [x - y for x, y in zip(client.requests_per_engine(), sent)]
-    assert sum(per_engine) == len(PROMPTS) and min(per_engine) >= 4, per_engine
+    # >= 1, not an even split: least-outstanding routing sends more to whichever engine answers
+    # first, and on a loaded machine one engine can hold its first request while the other
+    # serves the rest (CI once saw 1 of 8); the split itself is tested with a frozen engine below
+    assert sum(per_engine) == len(PROMPTS) and min(per_engine) >= 1, per_engine
     # each server's own access log counts the same requests as the client
     assert [x - y for x, y in zip(access_counts(manager), logged)] == per_engine
     # the same seeded requests through one engine alone give the same samples
@@ -265,7 +268,7 @@ def test_push_reaches_every_engine(manager, hf_model, transport, seed):
     sent = manager.client.requests_per_engine()
     trajs = manager.client.generate(PROMPTS[:8], n=2, max_tokens=10, seed=seed, progress=False,
                                     extra={"ignore_eos": True})
-    assert min(x - y for x, y in zip(manager.client.requests_per_engine(), sent)) >= 2  # both sampled
+    assert min(x - y for x, y in zip(manager.client.requests_per_engine(), sent)) >= 1  # both sampled (see above)
     for t in trajs:
         ref_t = hf_logprobs(hf_model, t.prompt_token_ids, t.response_token_ids)
         assert logprob_gap(torch.tensor([t.response_logprobs]), ref_t[None], torch.ones(1, len(ref_t))) < 1e-4
@@ -296,7 +299,7 @@ def test_evaluation_uses_every_engine(manager, data):
     sent = manager.client.requests_per_engine()
     out = manager.evaluate(items)
     assert 0.0 <= out["eval_accuracy"] <= 1.0
-    assert min(x - y for x, y in zip(manager.client.requests_per_engine(), sent)) >= 4
+    assert min(x - y for x, y in zip(manager.client.requests_per_engine(), sent)) >= 1  # not a split: see above
 
 
 def test_trainer_attached_to_both_engines_trains_with_both_serving_its_weights(manager, tiny_model_dir, data,
