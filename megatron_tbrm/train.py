@@ -337,7 +337,8 @@ class Trainer:
         metrics: dict = {}
         while self.step < cfg.train.steps:
             metrics = self.train_step()
-            if evaluating and self.step % cfg.eval.every == 0:
+            # The last step too: the run's final accuracy is what users read (steps=320, every=25).
+            if evaluating and (self.step % cfg.eval.every == 0 or self.step == cfg.train.steps):
                 metrics.update(self.rollout.evaluate(self.eval_items))
             if self.is_main:
                 self.tracking.log(metrics)

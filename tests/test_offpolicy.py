@@ -1,6 +1,6 @@
 """Off-policy TBRM (issue 18): training from trajectory files, real megatron-core over gloo,
 2 ranks. (The staleness of overlapped rollouts, read from the saved rollout files, is checked
-in test_train_e2e.py for k=0 and test_reliability.py for k=1, on runs those tests make anyway.)
+in test_train_e2e.py for k=0 and test_reliability_resume.py for k=1, on runs those tests make anyway.)
 
 - Training from a trajectory file with no server at all: the TBRM loss on that file falls,
   and the policy moves towards its successful responses (their summed log pi/pi_ref, 0 at

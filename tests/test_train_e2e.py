@@ -157,9 +157,14 @@ def test_resume_reproduces_uninterrupted_step(tp2_run, tmp_path, tiny_model_dir,
 
 
 def test_pp2_step(tmp_path, tiny_model_dir, data, server):
+    """One PP=2 step; held-out accuracy at the start and at the last step, though 1 is not a
+    multiple of eval.every (the final accuracy is what a run reports)."""
     rows = train(tmp_path / "pp2", tiny_model_dir, data, server, "parallel.pp=2", "train.steps=1",
-                 "checkpoint.save_every=0")
-    assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["update_ok"] == 1.0
+                 "checkpoint.save_every=0", "eval.every=5", "eval.max_problems=4", "eval.max_tokens=8")
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 1 and math.isfinite(steps[0]["loss"]) and steps[0]["update_ok"] == 1.0
+    evals = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+    assert [s for s, _ in evals] == [0, 1] and all(0.0 <= a <= 1.0 for _, a in evals), evals
 
 
 def test_pp2_packed_step(tmp_path, tiny_model_dir, data, server):

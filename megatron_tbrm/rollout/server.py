@@ -219,8 +219,10 @@ class VLLMServer:
             VLLM_SERVER_DEV_MODE="1",  # /collective_rpc, /pause, /resume, /reset_prefix_cache
             PYTHONPATH=os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p),
             TMPDIR=self._tmp_dir,
-            VLLM_CACHE_ROOT=str(self.work_dir / "cache"),
         )
+        # vLLM's own cache (VLLM_CACHE_ROOT, default ~/.cache/vllm) is kept across servers: a cold
+        # one costs every start a subprocess that imports vLLM to inspect the model class (~20 s
+        # on 2 cores: docs/ci.md). Its entries are keyed by file hashes and written atomically.
         env.update(self.env)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")

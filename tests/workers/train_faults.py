@@ -1,4 +1,4 @@
-"""The trainer with NaN losses injected at chosen steps: a test hook for tests/test_reliability.py,
+"""The trainer with NaN losses injected at chosen steps: a test hook for tests/test_reliability_resume.py,
 kept out of the production loss.
 
     torchrun ... tests/workers/train_faults.py --nan-steps 2,4,5 --config RECIPE [key.sub=value ...]
