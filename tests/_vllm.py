@@ -2,7 +2,8 @@
 
     with vllm_server(model_dir, work_dir, max_num_seqs=8) as srv: ...
 
-Module-scoped fixtures share one per test file (a start costs ~1-2 min on 2 cores).
+Module-scoped fixtures share one per test file (a start costs ~1-2 min on 2 cores; why, and
+how the suite is kept short: docs/ci.md).
 """
 
 from __future__ import annotations
