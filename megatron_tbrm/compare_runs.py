@@ -13,19 +13,23 @@ Table, per run: steps (last step), final / best / mean of the last N values of t
 and of the eval metric (training runs oscillate: the mean of the last evaluations is the
 number to quote), wall time, and time per step (from the first to the last logged step, so
 start-up is left out). The plot has the metric and the eval metric (rows) against steps
-and against wall time (columns), one line per run labelled by its folder name.
+and against wall time (columns), one line per run labelled by its folder name. Runs named
+METHOD_sSEED (bench/learning.py's folders) share one colour per METHOD and differ in line
+style per seed, so a dozen runs stay readable.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 METRICS_FILE = "metrics.jsonl"
+_SEED_SUFFIX = re.compile(r"_s\d+$")
 
 
 @dataclass
@@ -152,6 +156,7 @@ def plot(runs: Sequence[Run], out: str | Path, metric: str = "reward_mean",
     keys = [metric] + ([eval_metric] if any(run.series(eval_metric)[2] for run in runs) else [])
     max_wall = max((max(run.series(k)[1], default=0.0) for run in runs for k in keys), default=0.0)
     scale, unit = (3600.0, "h") if max_wall >= 7200 else (60.0, "min") if max_wall >= 120 else (1.0, "s")
+    styles = run_styles([run.label for run in runs])
     fig, axes = plt.subplots(len(keys), 2, figsize=(12, 4 * len(keys)), squeeze=False)
     for row, key in enumerate(keys):
         ax_step, ax_wall = axes[row]
@@ -159,21 +164,39 @@ def plot(runs: Sequence[Run], out: str | Path, metric: str = "reward_mean",
             steps, walls, values = run.series(key)
             if not values:
                 continue
-            marker = "o" if len(values) <= 30 else None
-            ax_step.plot(steps, values, marker=marker, markersize=3, label=run.label)
-            ax_wall.plot([w / scale for w in walls], values, marker=marker, markersize=3, label=run.label)
+            kw = dict(marker="o" if len(values) <= 30 else None, markersize=3, label=run.label, **styles[run.label])
+            ax_step.plot(steps, values, **kw)
+            ax_wall.plot([w / scale for w in walls], values, **kw)
         ax_step.set_xlabel("step")
         ax_wall.set_xlabel(f"wall time ({unit})")
         for ax in (ax_step, ax_wall):
             ax.set_ylabel(key)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-    fig.suptitle(", ".join(run.label for run in runs))
+    methods = list(dict.fromkeys(_SEED_SUFFIX.sub("", run.label) for run in runs))
+    fig.suptitle(", ".join(run.label for run in runs) if len(runs) <= 4
+                 else f"{len(runs)} runs: " + ", ".join(methods))
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return out
+
+
+def run_styles(labels: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Matplotlib line colour and style per run label: one colour per method (the label
+    without a trailing `_s<seed>`), and within a method one line style per run, in order."""
+    palette = [f"C{i}" for i in range(10)]
+    dashes = ["-", "--", ":", "-."]
+    methods: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    out = {}
+    for label in labels:
+        method = _SEED_SUFFIX.sub("", label)
+        methods.setdefault(method, len(methods))
+        k = seen[method] = seen.get(method, -1) + 1
+        out[label] = {"color": palette[methods[method] % len(palette)], "linestyle": dashes[k % len(dashes)]}
     return out
 
 

@@ -100,6 +100,15 @@ def test_plot_lines_follow_the_data(two_runs, tmp_path):
     assert list(evals) == ["tbrm_n1"] and list(evals["tbrm_n1"].get_xdata()) == [5, 10]
 
 
+def test_runs_of_one_method_share_a_colour_and_differ_in_line_style():
+    styles = compare_runs.run_styles(["tbrm_n1_s0", "grpo_n4_s0", "tbrm_n1_s1", "grpo_n4_lr1e-4_s0", "tbrm_n1_s2",
+                                      "plain"])
+    assert styles["tbrm_n1_s0"]["color"] == styles["tbrm_n1_s1"]["color"] == styles["tbrm_n1_s2"]["color"]
+    assert [styles[f"tbrm_n1_s{i}"]["linestyle"] for i in range(3)] == ["-", "--", ":"]
+    colours = [styles[k]["color"] for k in ("tbrm_n1_s0", "grpo_n4_s0", "grpo_n4_lr1e-4_s0", "plain")]
+    assert len(set(colours)) == 4  # grpo_n4 and grpo_n4_lr1e-4 are different methods
+
+
 def test_cli_and_errors(two_runs, tmp_path):
     out = tmp_path / "cli.png"
     r = subprocess.run([sys.executable, str(REPO / "tools" / "compare_runs.py"), *map(str, two_runs),
