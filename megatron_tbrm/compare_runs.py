@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 METRICS_FILE = "metrics.jsonl"
-_SEED_SUFFIX = re.compile(r"_s\d+$")
+_SEED_SUFFIX = re.compile(r"_s(\d+)$")
 
 
 @dataclass
@@ -172,11 +172,29 @@ def plot(runs: Sequence[Run], out: str | Path, metric: str = "reward_mean",
         for ax in (ax_step, ax_wall):
             ax.set_ylabel(key)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
+            if len(runs) <= 4:
+                ax.legend(fontsize="small")
     methods = list(dict.fromkeys(_SEED_SUFFIX.sub("", run.label) for run in runs))
-    fig.suptitle(", ".join(run.label for run in runs) if len(runs) <= 4
-                 else f"{len(runs)} runs: " + ", ".join(methods))
-    fig.tight_layout()
+    if len(runs) <= 4:
+        fig.suptitle(", ".join(run.label for run in runs))
+        fig.tight_layout()
+    else:
+        # A legend per axes with a dozen runs covers the curves: one figure legend below,
+        # one entry per method (its colour) and one per seed position (its line style).
+        from matplotlib.lines import Line2D
+
+        first = {}
+        for run in runs:
+            first.setdefault(_SEED_SUFFIX.sub("", run.label), styles[run.label]["color"])
+        handles = [Line2D([], [], color=c, label=m) for m, c in first.items()]
+        seeds: dict[int, str] = {}
+        for run in runs:
+            if m := _SEED_SUFFIX.search(run.label):
+                seeds.setdefault(int(m.group(1)), styles[run.label]["linestyle"])
+        handles += [Line2D([], [], color="grey", linestyle=ls, label=f"seed {s}") for s, ls in sorted(seeds.items())]
+        fig.suptitle(f"{len(runs)} runs: colour = method, line style = seed")
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize="small")
+        fig.tight_layout(rect=(0, 0.04 * ((len(handles) + 4) // 5), 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -109,6 +109,33 @@ def test_runs_of_one_method_share_a_colour_and_differ_in_line_style():
     assert len(set(colours)) == 4  # grpo_n4 and grpo_n4_lr1e-4 are different methods
 
 
+def test_many_runs_get_one_figure_legend_by_method_and_seed(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dirs = [write_run(tmp_path / f"{m}_s{seed}", [{"step": 1, "wall_time": 1.0, "reward_mean": 0.1}])
+            for m in ("tbrm_n1", "grpo_n4", "tbrm_n1_k1") for seed in (0, 1, 2)]
+    captured = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *a, **kw):
+        captured["fig"] = fig
+        return real_savefig(fig, *a, **kw)
+
+    plt.Figure.savefig = spy
+    try:
+        compare_runs.plot(compare_runs.load_runs(dirs), tmp_path / "c.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    fig = captured["fig"]
+    assert all(ax.get_legend() is None for ax in fig.axes)  # 9 per-axes entries would cover the curves
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["tbrm_n1", "grpo_n4", "tbrm_n1_k1", "seed 0", "seed 1",
+                                                         "seed 2"]
+    assert [h.get_linestyle() for h in legend.legend_handles[3:]] == ["-", "--", ":"]
+
+
 def test_cli_and_errors(two_runs, tmp_path):
     out = tmp_path / "cli.png"
     r = subprocess.run([sys.executable, str(REPO / "tools" / "compare_runs.py"), *map(str, two_runs),
