@@ -174,7 +174,6 @@ def plot(runs: Sequence[Run], out: str | Path, metric: str = "reward_mean",
             ax.grid(alpha=0.3)
             if len(runs) <= 4:
                 ax.legend(fontsize="small")
-    methods = list(dict.fromkeys(_SEED_SUFFIX.sub("", run.label) for run in runs))
     if len(runs) <= 4:
         fig.suptitle(", ".join(run.label for run in runs))
         fig.tight_layout()
@@ -192,7 +191,7 @@ def plot(runs: Sequence[Run], out: str | Path, metric: str = "reward_mean",
             if m := _SEED_SUFFIX.search(run.label):
                 seeds.setdefault(int(m.group(1)), styles[run.label]["linestyle"])
         handles += [Line2D([], [], color="grey", linestyle=ls, label=f"seed {s}") for s, ls in sorted(seeds.items())]
-        fig.suptitle(f"{len(runs)} runs: colour = method, line style = seed")
+        fig.suptitle(f"{len(runs)} runs: colour = method" + (", line style = seed" if seeds else ""))
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize="small")
         fig.tight_layout(rect=(0, 0.04 * ((len(handles) + 4) // 5), 1, 1))
     out = Path(out)
@@ -204,7 +203,9 @@ def plot(runs: Sequence[Run], out: str | Path, metric: str = "reward_mean",
 
 def run_styles(labels: Sequence[str]) -> dict[str, dict[str, str]]:
     """Matplotlib line colour and style per run label: one colour per method (the label
-    without a trailing `_s<seed>`), and within a method one line style per run, in order."""
+    without a trailing `_s<seed>`); the line style follows the seed number (seed % 4), so a
+    seed looks the same in every method even when a method misses some seeds; labels without a
+    seed get one style per run of their method, in order."""
     palette = [f"C{i}" for i in range(10)]
     dashes = ["-", "--", ":", "-."]
     methods: dict[str, int] = {}
@@ -213,7 +214,10 @@ def run_styles(labels: Sequence[str]) -> dict[str, dict[str, str]]:
     for label in labels:
         method = _SEED_SUFFIX.sub("", label)
         methods.setdefault(method, len(methods))
-        k = seen[method] = seen.get(method, -1) + 1
+        m = _SEED_SUFFIX.search(label)
+        k = int(m.group(1)) if m else seen.setdefault(method, -1) + 1
+        if not m:
+            seen[method] = k
         out[label] = {"color": palette[methods[method] % len(palette)], "linestyle": dashes[k % len(dashes)]}
     return out
 

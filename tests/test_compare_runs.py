@@ -107,6 +107,11 @@ def test_runs_of_one_method_share_a_colour_and_differ_in_line_style():
     assert [styles[f"tbrm_n1_s{i}"]["linestyle"] for i in range(3)] == ["-", "--", ":"]
     colours = [styles[k]["color"] for k in ("tbrm_n1_s0", "grpo_n4_s0", "grpo_n4_lr1e-4_s0", "plain")]
     assert len(set(colours)) == 4  # grpo_n4 and grpo_n4_lr1e-4 are different methods
+    # The style follows the seed number, not the run's position in its method: a method that
+    # lacks seed 0 still draws seed 1 dashed, as the figure legend says.
+    styles = compare_runs.run_styles(["a_s0", "a_s1", "a_s2", "b_s1", "b_s2", "a_s10"])
+    assert styles["b_s1"]["linestyle"] == styles["a_s1"]["linestyle"] == "--"
+    assert styles["b_s2"]["linestyle"] == ":" and styles["a_s10"]["linestyle"] == ":"  # 10 % 4 == 2
 
 
 def test_many_runs_get_one_figure_legend_by_method_and_seed(tmp_path):
