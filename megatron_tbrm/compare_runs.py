@@ -214,10 +214,10 @@ def run_styles(labels: Sequence[str]) -> dict[str, dict[str, str]]:
     for label in labels:
         method = _SEED_SUFFIX.sub("", label)
         methods.setdefault(method, len(methods))
-        m = _SEED_SUFFIX.search(label)
-        k = int(m.group(1)) if m else seen.setdefault(method, -1) + 1
-        if not m:
-            seen[method] = k
+        if m := _SEED_SUFFIX.search(label):
+            k = int(m.group(1))
+        else:
+            k = seen[method] = seen.get(method, -1) + 1
         out[label] = {"color": palette[methods[method] % len(palette)], "linestyle": dashes[k % len(dashes)]}
     return out
 

@@ -70,12 +70,12 @@ def test_table_values_and_png(two_runs, tmp_path):
     assert (w, h) == (1200, 800)  # 2 columns (step, wall time) x 2 rows (reward, eval accuracy)
 
 
-def test_plot_lines_follow_the_data(two_runs, tmp_path):
+def plotted_figure(run_dirs, out):
+    """The matplotlib Figure compare_runs.plot saves for `run_dirs` (caught at savefig)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = compare_runs.load_runs(two_runs)
     captured = {}
     real_savefig = plt.Figure.savefig
 
@@ -85,10 +85,14 @@ def test_plot_lines_follow_the_data(two_runs, tmp_path):
 
     plt.Figure.savefig = spy
     try:
-        compare_runs.plot(runs, tmp_path / "c.png")
+        compare_runs.plot(compare_runs.load_runs(run_dirs), out)
     finally:
         plt.Figure.savefig = real_savefig
-    axes = captured["fig"].axes
+    return captured["fig"]
+
+
+def test_plot_lines_follow_the_data(two_runs, tmp_path):
+    axes = plotted_figure(two_runs, tmp_path / "c.png").axes
     assert len(axes) == 4
     by_label = {line.get_label(): line for line in axes[0].get_lines()}  # reward vs step
     assert sorted(by_label) == ["grpo_n4", "tbrm_n1"]
@@ -115,25 +119,9 @@ def test_runs_of_one_method_share_a_colour_and_differ_in_line_style():
 
 
 def test_many_runs_get_one_figure_legend_by_method_and_seed(tmp_path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     dirs = [write_run(tmp_path / f"{m}_s{seed}", [{"step": 1, "wall_time": 1.0, "reward_mean": 0.1}])
             for m in ("tbrm_n1", "grpo_n4", "tbrm_n1_k1") for seed in (0, 1, 2)]
-    captured = {}
-    real_savefig = plt.Figure.savefig
-
-    def spy(fig, *a, **kw):
-        captured["fig"] = fig
-        return real_savefig(fig, *a, **kw)
-
-    plt.Figure.savefig = spy
-    try:
-        compare_runs.plot(compare_runs.load_runs(dirs), tmp_path / "c.png")
-    finally:
-        plt.Figure.savefig = real_savefig
-    fig = captured["fig"]
+    fig = plotted_figure(dirs, tmp_path / "c.png")
     assert all(ax.get_legend() is None for ax in fig.axes)  # 9 per-axes entries would cover the curves
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["tbrm_n1", "grpo_n4", "tbrm_n1_k1", "seed 0", "seed 1",
