@@ -50,13 +50,17 @@ setup(
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": [
-        "megatron-tbrm-train=megatron_tbrm.train:main",
-        "tbrm-train=megatron_tbrm.train:main",  # the first name, kept for existing launch lines
-        "megatron-tbrm-eval=megatron_tbrm.cli:evaluate",
-        "megatron-tbrm-convert-hf-to-megatron=megatron_tbrm.convert.hf_to_megatron:cli",
-        "megatron-tbrm-convert-megatron-to-hf=megatron_tbrm.convert.megatron_to_hf:cli",
-        "megatron-tbrm-compare-runs=megatron_tbrm.compare_runs:cli",
-        "megatron-tbrm-plan=megatron_tbrm.cli:plan",
-    ]},
+    entry_points={
+        # CPU-only vLLM patch, active only in servers VLLMServer starts with shm_busy_loop_s
+        "vllm.general_plugins": ["megatron_tbrm_cpu = megatron_tbrm.rollout.vllm_cpu_patches:apply"],
+        "console_scripts": [
+            "megatron-tbrm-train=megatron_tbrm.train:main",
+            "tbrm-train=megatron_tbrm.train:main",  # the first name, kept for existing launch lines
+            "megatron-tbrm-eval=megatron_tbrm.cli:evaluate",
+            "megatron-tbrm-convert-hf-to-megatron=megatron_tbrm.convert.hf_to_megatron:cli",
+            "megatron-tbrm-convert-megatron-to-hf=megatron_tbrm.convert.megatron_to_hf:cli",
+            "megatron-tbrm-compare-runs=megatron_tbrm.compare_runs:cli",
+            "megatron-tbrm-plan=megatron_tbrm.cli:plan",
+        ],
+    },
 )

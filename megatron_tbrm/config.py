@@ -115,6 +115,10 @@ class RolloutSection:
     tensor_parallel_size: int = 1
     dtype: Optional[str] = None  # default: the trainer's model.dtype
     extra_args: list[str] = field(default_factory=list)
+    # CPU only (ignored with CUDA): seconds vLLM's message-queue readers (EngineCore, worker) spin
+    # after each read before sleeping; vLLM hard-codes 1 s, which takes the trainer's cores during
+    # every update on a CPU-only machine (rollout/vllm_cpu_patches.py). null: vLLM's 1 s.
+    shm_busy_loop_s: Optional[float] = 0.05
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
     max_restarts: int = 3  # consecutive server failures survived (restart + redo the batch)

@@ -79,6 +79,8 @@ def _check_engines(cfg: Config) -> None:
         raise ConfigError(f"config key 'rollout.engines': got {r.engines!r}, expected a positive integer or 'auto'")
     _positive("rollout.tensor_parallel_size", r.tensor_parallel_size)
     _positive("rollout.max_concurrency", r.max_concurrency)
+    if r.shm_busy_loop_s is not None:
+        _positive("rollout.shm_busy_loop_s", r.shm_busy_loop_s, allow_zero=True)
     if r.server_url and r.server_urls:
         raise ConfigError(f"config keys 'rollout.server_url'={r.server_url!r} and 'rollout.server_urls'="
                           f"{r.server_urls!r}: give the servers to attach to in one of them")

@@ -46,6 +46,7 @@ def test_good_config_validates(good):
         (["loss.name=ppo"], 1, r"'loss.name': got 'ppo', expected one of 'tbrm', 'grpo'"),
         (["rollout.max_tokens=1000"], 1, r"exceed the model's max_position_embeddings=512"),
         (["data.train_path=/nonexistent.jsonl"], 1, r"'data.train_path': file not found: /nonexistent.jsonl"),
+        (["rollout.shm_busy_loop_s=-1"], 1, r"'rollout.shm_busy_loop_s': got -1.0, expected a non-negative number"),
         (["loss.beta=0"], 1, r"'loss.beta': got 0.0, expected a positive number"),
         (["parallel.pp=3"], 3, r"'parallel.pp': 3 pipeline stages \(3 x 1 virtual\) do not divide num_hidden_layers=2"),
         (["loss.name=grpo"], 1, r"'rollout.n': got 1; loss.name=grpo needs n >= 2"),

@@ -31,6 +31,7 @@ import requests
 from megatron_tbrm.ports import free_port, port_in_use
 from megatron_tbrm.rollout.server_args import cpu_scheduler_args, cuda_available, extra_cli_args
 from megatron_tbrm.rollout.process import die_with_parent, group_alive, signal_group
+from megatron_tbrm.rollout.vllm_cpu_patches import busy_loop_env
 
 WORKER_EXTENSION = "megatron_tbrm.rollout.worker_extension.WeightReceiver"
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])  # folder holding megatron_tbrm/
@@ -103,7 +104,9 @@ class VLLMServer:
     Use as a context manager, or call start()/wait_healthy()/stop(). port=0/None picks a
     free port. `kv_cache_bytes` maps to --kv-cache-memory-bytes (needed on CPU, where there
     is no GPU memory to size the cache from). `extra_args` go to the vLLM CLI verbatim
-    (list) or as {"flag": value} (dict).
+    (list) or as {"flag": value} (dict). `shm_busy_loop_s` (CPU only; None: vLLM's 1 s) caps
+    how long vLLM's message-queue readers spin after each read (rollout/vllm_cpu_patches.py);
+    it needs this package installed (pip install), which registers the vLLM plugin.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class VLLMServer:
         work_dir: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
         stop_grace_s: float = 10.0,
+        shm_busy_loop_s: float | None = None,
     ):
         self.model = str(model)
         self.host = host
@@ -143,6 +147,7 @@ class VLLMServer:
         self.log_path = self.work_dir / "server.log"
         self.env = env or {}
         self.stop_grace_s = stop_grace_s
+        self.shm_busy_loop_s = shm_busy_loop_s
         self.proc: subprocess.Popen | None = None
         self._owned = True
         self._log_file = None
@@ -223,6 +228,7 @@ class VLLMServer:
         # vLLM's own cache (VLLM_CACHE_ROOT, default ~/.cache/vllm) is kept across servers: a cold
         # one costs every start a subprocess that imports vLLM to inspect the model class (~20 s
         # on 2 cores: docs/ci.md). Its entries are keyed by file hashes and written atomically.
+        env.update(busy_loop_env(self.shm_busy_loop_s))
         env.update(self.env)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
