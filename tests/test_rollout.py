@@ -188,6 +188,9 @@ def test_busy_loop_setting_is_checked():
     from megatron_tbrm.rollout.vllm_cpu_patches import ENV_BUSY_LOOP_S, busy_loop_env
 
     assert busy_loop_env(None) == {} and busy_loop_env(0.05) == {ENV_BUSY_LOOP_S: "0.05"}
+    # a VLLM_PLUGINS allowlist would make vLLM skip the plugin: it gets the plugin's name
+    assert busy_loop_env(0.05, "other")["VLLM_PLUGINS"] == "other,megatron_tbrm_cpu"
+    assert "VLLM_PLUGINS" not in busy_loop_env(0.05, "other,megatron_tbrm_cpu")
     for bad in (-0.1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="shm_busy_loop_s"):
             busy_loop_env(bad)

@@ -110,7 +110,7 @@ class RolloutManager:
             tensor_parallel_size=r.tensor_parallel_size, seed=self.cfg.parallel.seed, extra_args=extra,
             enable_sleep_mode=self.sleep_mode and cuda,
             work_dir=self.run_dir / "vllm" / (f"engine{i}" if count > 1 else ""),
-            env=env[i], shm_busy_loop_s=r.shm_busy_loop_s,
+            env=env[i], shm_busy_loop_s=None if cuda else r.shm_busy_loop_s,
         ) for i in range(count)]
 
     def _connect_sync(self, engines: Optional[list[int]] = None) -> None:

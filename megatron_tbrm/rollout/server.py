@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from pathlib import Path
@@ -31,7 +32,7 @@ import requests
 from megatron_tbrm.ports import free_port, port_in_use
 from megatron_tbrm.rollout.server_args import cpu_scheduler_args, cuda_available, extra_cli_args
 from megatron_tbrm.rollout.process import die_with_parent, group_alive, signal_group
-from megatron_tbrm.rollout.vllm_cpu_patches import busy_loop_env
+from megatron_tbrm.rollout.vllm_cpu_patches import ENV_BUSY_LOOP_S, PLUGIN_NAME, busy_loop_env, plugin_installed
 
 WORKER_EXTENSION = "megatron_tbrm.rollout.worker_extension.WeightReceiver"
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])  # folder holding megatron_tbrm/
@@ -228,7 +229,11 @@ class VLLMServer:
         # vLLM's own cache (VLLM_CACHE_ROOT, default ~/.cache/vllm) is kept across servers: a cold
         # one costs every start a subprocess that imports vLLM to inspect the model class (~20 s
         # on 2 cores: docs/ci.md). Its entries are keyed by file hashes and written atomically.
-        env.update(busy_loop_env(self.shm_busy_loop_s))
+        env.pop(ENV_BUSY_LOOP_S, None)  # None means vLLM's 1 s, whatever the caller's environment says
+        env.update(busy_loop_env(self.shm_busy_loop_s, env.get("VLLM_PLUGINS")))
+        if self.shm_busy_loop_s is not None and not plugin_installed():
+            warnings.warn(f"shm_busy_loop_s={self.shm_busy_loop_s} has no effect: the vLLM plugin "
+                          f"'{PLUGIN_NAME}' is not installed (pip install -e . in this repo registers it)")
         env.update(self.env)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")

@@ -27,15 +27,31 @@ ENV_BUSY_LOOP_S = "MEGATRON_TBRM_SHM_BUSY_LOOP_S"
 logger = logging.getLogger("vllm.megatron_tbrm")  # under vLLM's logger: its handler, its format
 
 
-def busy_loop_env(busy_loop_s: float | None) -> dict[str, str]:
-    """The server environment that turns the patch on: {} for None (vLLM's own 1 s).
+PLUGIN_NAME = "megatron_tbrm_cpu"  # the entry point's name in setup.py
+
+
+def busy_loop_env(busy_loop_s: float | None, vllm_plugins: str | None = None) -> dict[str, str]:
+    """The server environment that turns the patch on: {} for None (vLLM's own 1 s). When the
+    caller's VLLM_PLUGINS allowlist is set (`vllm_plugins`), it gets this plugin's name added, or
+    vLLM would skip the plugin and the setting would silently do nothing.
 
     Raises ValueError for a negative or non-finite value."""
     if busy_loop_s is None:
         return {}
     if not 0 <= float(busy_loop_s) < float("inf"):
         raise ValueError(f"shm_busy_loop_s must be a finite number of seconds >= 0, got {busy_loop_s!r}")
-    return {ENV_BUSY_LOOP_S: repr(float(busy_loop_s))}
+    env = {ENV_BUSY_LOOP_S: repr(float(busy_loop_s))}
+    if vllm_plugins is not None and PLUGIN_NAME not in vllm_plugins.split(","):
+        env["VLLM_PLUGINS"] = ",".join(p for p in (vllm_plugins, PLUGIN_NAME) if p)
+    return env
+
+
+def plugin_installed() -> bool:
+    """Whether vLLM will find the plugin: the package is installed with setup.py's entry points
+    (an editable install made before the entry point existed lacks it: pip install -e . again)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.general_plugins"))
 
 
 def apply() -> None:
@@ -44,9 +60,11 @@ def apply() -> None:
     value = os.environ.get(ENV_BUSY_LOOP_S)
     if not value:
         return
-    import torch
+    # vLLM's platform, not torch.cuda.is_available(): that would initialise CUDA in the API server
+    # before it forks the engine (torch: "poisons fork").
+    from vllm.platforms import current_platform
 
-    if torch.cuda.is_available():  # GPU boxes keep vLLM's tuning
+    if not current_platform.is_cpu():  # GPU boxes keep vLLM's tuning
         return
     from vllm.distributed.device_communicators import shm_broadcast
 
