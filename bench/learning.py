@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megatron_tbrm.ports import torchrun_command  # noqa: E402
 GOAL = 0.15
 
 # The side-by-side (item 3): the same number of samples per step (64) for all three.
@@ -190,8 +193,7 @@ def cmd_compare(a) -> None:
                 import shutil
 
                 shutil.rmtree(run)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                   f"--master-port={29500 + (os.getpid() + len(runs)) % 500}", "-m", "megatron_tbrm.train",
+            cmd = [*torchrun_command(2), "-m", "megatron_tbrm.train",
                    "--config", str(REPO / "recipes" / "tiny_cpu.yaml"), f"model.path={warm / 'sft_model'}",
                    f"data.train_path={warm / 'data' / 'train.jsonl'}", f"eval.path={warm / 'data' / 'test.jsonl'}",
                    f"run.dir={run}", "run.progress=false", "checkpoint.save_every=0", f"train.steps={a.steps}",

@@ -64,9 +64,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
-    from megatron_tbrm.ports import free_port
-
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     import torch
 
     from megatron_tbrm.algorithms import make_algorithm

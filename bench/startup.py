@@ -83,7 +83,6 @@ def measure(hf_dir: str, init_weights: bool) -> dict:
     from megatron_tbrm.model import ModelConfig
     from megatron_tbrm.parallel import destroy_distributed, init_distributed
 
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     init_distributed(tp=1, pp=1)
     cfg = ModelConfig.from_hf(hf_dir, dtype="fp32")
     rss0 = _rss_mib()

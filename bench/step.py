@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,12 +34,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_tbrm.ports import torchrun_command  # noqa: E402
 
 
 # Part A architectures: the demo's tiny model (weights from its folder), or a Qwen2.5-0.5B-shaped
@@ -214,8 +210,7 @@ def run_logged(cmd: list[str], log: Path, what: str) -> str:
 
 
 def part_a(model_dir: Path, nproc: int, rows: int, seq: int, reps: int, work: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
-           __file__, "--worker", str(model_dir), str(rows), str(seq), str(reps)]
+    cmd = [*torchrun_command(nproc), __file__, "--worker", str(model_dir), str(rows), str(seq), str(reps)]
     out = run_logged(cmd, work / "part_a.log", "part A (update step)")
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
@@ -225,8 +220,7 @@ def part_b(model_dir: Path, data: Path, nproc: int, steps: int, work: Path) -> d
     for name, over in (("tbrm_n1", ["loss.name=tbrm", "rollout.n=1"]),
                        ("grpo_n4", ["loss.name=grpo", "rollout.n=4"])):
         run_dir = work / name
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
-               "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
+        cmd = [*torchrun_command(nproc), "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
                f"model.path={model_dir}", f"data.train_path={data}", f"run.dir={run_dir}", f"train.steps={steps}",
                "eval.every=0", "checkpoint.save_every=0", "model.value_offset=false", "run.progress=false",
                "train.prompts_per_step=32", "train.micro_batch_size=8", *over]
@@ -244,8 +238,7 @@ def part_c(model_dir: Path, data: Path, nproc: int, steps: int, work: Path, ks=(
     res = {}
     for busy, k in [(b, k) for k in ks for b in busy_loops]:
         run_dir = work / f"staleness_{k}_busy_{busy}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
-               "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
+        cmd = [*torchrun_command(nproc), "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
                f"model.path={model_dir}", f"data.train_path={data}", f"run.dir={run_dir}", f"train.steps={steps}",
                "eval.every=0", "checkpoint.save_every=0", "model.value_offset=false", "run.progress=false",
                "train.prompts_per_step=32", "train.micro_batch_size=8", f"train.max_staleness={k}",

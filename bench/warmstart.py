@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from megatron_tbrm.demo.sft import DEMO_MODEL_SPEC, DemoWarmStart  # noqa: E402
 from megatron_tbrm.demo.tiny import TinyModelSpec, write_tiny_model  # noqa: E402
-from megatron_tbrm.ports import free_port  # noqa: E402
+from megatron_tbrm.ports import torchrun_command  # noqa: E402
 
 
 def parse_knobs(items: list[str]) -> DemoWarmStart:
@@ -72,8 +72,7 @@ def main() -> int:
     for seed in a.seeds:
         metrics = out / f"seed{seed}.json"
         metrics.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc}", f"--master-port={free_port()}",
-               "-m", "megatron_tbrm.demo.sft", "--model", str(base), "--data", str(data["sft_train"]),
+        cmd = [*torchrun_command(a.nproc), "-m", "megatron_tbrm.demo.sft", "--model", str(base), "--data", str(data["sft_train"]),
                "--out", str(out / "sft_model"), "--seed", str(seed), "--probe", str(data["probe"]),
                "--no-progress", "--metrics-out", str(metrics), *ws.cli_args()]
         if not a.no_lock:

@@ -122,7 +122,7 @@ def init_distributed(
     """Initialise (or reuse) the default process group and megatron-core's model-parallel groups.
 
     Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT as set by torchrun; a plain
-    `python` run is a world of one.
+    `python` run is a world of one (its store on a free port unless MASTER_PORT is set).
     """
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
@@ -141,7 +141,8 @@ def init_distributed(
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        # A world of one binds a free port itself (0): a fixed or picked-ahead one can be taken.
+        os.environ.setdefault("MASTER_PORT", "0" if world_size == 1 else "29500")
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
             rank=rank,

@@ -1,9 +1,15 @@
-"""TCP ports on this host: a free one for a rendezvous or a server about to start, and whether
-one is taken. Standard library only (the converters' launcher picks ports without torch)."""
+"""TCP ports on this host: a free one for a server about to start, whether one is taken, and
+launch commands that never pick a port for someone else to bind later. Standard library only.
+
+A port picked here and bound by another process seconds later can be taken in between (by a
+concurrent run, or as the ephemeral source port of any outgoing connection): CI lost a torchrun
+rendezvous to EADDRINUSE that way. So rendezvous stores bind port 0 themselves (torchrun
+--standalone, MASTER_PORT=0 for a world of one), and VLLMServer retries on a lost race."""
 from __future__ import annotations
 
 import errno
 import socket
+import sys
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -25,3 +31,12 @@ def port_in_use(host: str, port: int) -> bool:
                 return True
             raise
     return False
+
+
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """`python -m torch.distributed.run` for `nproc` ranks on this host, then `args` (a script
+    and its arguments, or "-m", module, ...). --standalone: the c10d rendezvous binds a free
+    port itself and hands it to the ranks as MASTER_PORT, so two launches never collide."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+            f"--nproc-per-node={nproc}", *args]
+

@@ -1,4 +1,4 @@
-"""Run a function in N real processes over gloo (torch.multiprocessing + a free port).
+"""Run a function in N real processes over gloo (torch.multiprocessing + a file store).
 
     results = run_distributed(fn, world_size, *args)   # list, one return value per rank
 
@@ -15,8 +15,6 @@ spawn every rank re-imports torch, ~2.5 CPU-seconds each, which dominated the te
 from __future__ import annotations
 
 import os
-
-from megatron_tbrm.ports import free_port
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -26,12 +24,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+def _worker(rank: int, world_size: int, out_dir: str, fn: Callable, args: tuple) -> None:
     # N processes on a 2-core machine: one thread each, or they fight over the cores.
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        # A file store: no port picked here for rank 0 to bind later (another process can take it).
+        "gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size
     )
     try:
         result = fn(rank, world_size, *args)
@@ -45,7 +44,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
         mp.set_forkserver_preload(["torch", "torch.distributed"])
         mp.start_processes(
             _worker,
-            args=(world_size, free_port(), out_dir, fn, args),
+            args=(world_size, out_dir, fn, args),
             nprocs=world_size,
             join=True,
             start_method="forkserver",

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ import psutil
 import pytest
 
 from megatron_tbrm.demo.arithmetic import make_arithmetic_splits
-from megatron_tbrm.ports import free_port
+from megatron_tbrm.ports import torchrun_command
 from megatron_tbrm.rollout.server import VLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +83,7 @@ class Launch:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tag = uuid.uuid4().hex
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-               *entry, "--config", str(RECIPE), *args] + (["--resume"] if resume else [])
+        cmd = [*torchrun_command(2), *entry, "--config", str(RECIPE), *args] + (["--resume"] if resume else [])
         full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
         full_env[TAG] = self.tag
         self.log_path = self.run_dir / f"launcher-{self.tag[:8]}.log"

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from megatron_tbrm.ports import free_port
+from megatron_tbrm.ports import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -16,9 +15,7 @@ WORKERS = Path(__file__).resolve().parent / "workers"
 def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dict | None = None) -> str:
     """Run tests/workers/<script> on `nproc` ranks; returns combined output, raises on failure."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-        str(WORKERS / script), *map(str, args),
+        *torchrun_command(nproc), str(WORKERS / script), *map(str, args),
     ]
     full_env = dict(os.environ, PYTHONPATH=f"{REPO}:{WORKERS}", OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
-from megatron_tbrm.ports import free_port
+from megatron_tbrm.ports import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,8 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_trainer(run_dir: Path, model: Path, data: Optional[tuple], *overrides: str, server_url: Optional[str] = None,
                 nproc: int = 2, resume: bool = False, timeout: float = 900) -> list[dict]:
     """`data`: (train, test) prompt files, or None (trajectory files only: pass data.trajectories)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
+    cmd = [*torchrun_command(nproc), "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
            f"model.path={model}", f"run.dir={run_dir}", "rollout.max_tokens=24", "train.prompts_per_step=8",
            "train.micro_batch_size=2", "eval.every=0", "run.progress=false", "model.value_offset=false",
            "loss.beta=0.5"]

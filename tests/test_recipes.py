@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import pytest
 from megatron_tbrm.checkpoint import complete_checkpoints
 from megatron_tbrm.config import load_config
 
-from megatron_tbrm.ports import free_port
+from megatron_tbrm.ports import torchrun_command
 from _vllm import vllm_server
 from test_data import MATH500_ROWS, dapo_row, write_jsonl, write_parquet
 
@@ -114,8 +113,7 @@ def test_recipe_runs_two_steps_and_the_server_follows(recipe, tiny_model_factory
     model = tiny_for(recipe, tiny_model_factory)
     srv = server_for(model)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "-m", "megatron_tbrm.train", "--config", str(recipe), *sized_down(recipe, model, data, run_dir, srv.url)]
+    cmd = [*torchrun_command(2), "-m", "megatron_tbrm.train", "--config", str(recipe), *sized_down(recipe, model, data, run_dir, srv.url)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
                        env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"))
     assert p.returncode == 0, (p.stdout + p.stderr)[-8000:]

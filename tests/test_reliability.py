@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from megatron_tbrm.checkpoint import complete_checkpoints
-from megatron_tbrm.ports import free_port
+from megatron_tbrm.ports import torchrun_command
 
 from _launch import RECIPE, REPO, SLOW, WORKERS, Launch, data, describe, kill_tree, launches, trainer_args  # noqa: F401
 
@@ -55,8 +55,7 @@ def test_config_error_exits_2_naming_the_key(override, named, tiny_model_dir, da
 
 
 def _ckpt_worker(root: Path, mode: str, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           str(WORKERS / "reliability_ckpt.py"), str(root), mode]
+    cmd = [*torchrun_command(2), str(WORKERS / "reliability_ckpt.py"), str(root), mode]
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{WORKERS}", OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=REPO, env=env, text=True, **popen)
 

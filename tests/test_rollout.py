@@ -223,6 +223,29 @@ def test_port_in_use_is_reported(server, tiny_model_dir, tmp_path):
     assert other.proc is None
 
 
+def test_a_picked_port_taken_before_vllm_binds_it_is_picked_again(tiny_model_dir, tmp_path):
+    """The pick-then-bind race CI lost (EADDRINUSE): another process takes the picked port
+    before start() (start picks again) or while vLLM imports (vLLM exits on the bind; the
+    server is started again on a new port and comes up there)."""
+    import socket
+
+    s = VLLMServer(tiny_model_dir, work_dir=tmp_path, **SERVER_KW)
+    first = s.port
+    taken = [socket.create_server(("127.0.0.1", first))]  # listening, as another server would
+    try:
+        s.start()
+        second = s.port
+        taken.append(socket.create_server(("127.0.0.1", second)))  # vLLM binds it after seconds of imports
+        s.wait_healthy(timeout=600)
+        assert s.port not in (first, second)
+        assert RolloutClient.for_server(s).generate(PROMPTS[:1], max_tokens=4, progress=False)
+        assert "Address already in use" in s.log_path.read_text()  # the attempt that lost the race
+    finally:
+        s.stop()
+        for sock in taken:
+            sock.close()
+
+
 def test_attach_uses_running_server_and_never_stops_it(server):
     attached = VLLMServer.attach(server.url)
     assert attached.model_name == server.model_name and attached.alive()

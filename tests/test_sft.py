@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_tbrm.ports import free_port
+from megatron_tbrm.ports import torchrun_command
 from megatron_tbrm.data import SYSTEM_PROMPT
 from megatron_tbrm.demo.arithmetic import make_arithmetic_dataset
 
@@ -87,8 +87,7 @@ def test_sft_tp2_lowers_ce_and_writes_loadable_folder(tiny_model_dir, tmp_path):
     data = make_arithmetic_dataset(tmp_path / "train.jsonl", N, seed=1, digits=2, ops="+-")
     out, metrics = tmp_path / "sft_out", tmp_path / "metrics.json"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-        "-m", "megatron_tbrm.demo.sft", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out),
+        *torchrun_command(2), "-m", "megatron_tbrm.demo.sft", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out),
         "--tp", "2", "--steps", "6", "--batch", str(N), "--micro-batch-size", "2", "--lr", "3e-3",
         "--warmup-steps", "1", "--decay-steps", "6", "--no-progress", "--metrics-out", str(metrics),
     ]
@@ -127,9 +126,8 @@ def test_sft_tp2_lowers_ce_and_writes_loadable_folder(tiny_model_dir, tmp_path):
 def _sft_cli(model: Path, data: Path, out: Path, metrics: Path, *extra: str, nproc: int = 2):
     """nproc 0: a plain process (a world of one), whose exit status is the CLI's own (torchrun
     reports any failed rank as 1)."""
-    launch = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"] if nproc else []
     cmd = [
-        sys.executable, *launch,
+        *(torchrun_command(nproc) if nproc else [sys.executable]),
         "-m", "megatron_tbrm.demo.sft", "--model", str(model), "--data", str(data), "--out", str(out),
         "--batch", "16", "--lr", "3e-3", "--warmup-steps", "1", "--no-progress", "--metrics-out", str(metrics), *extra,
     ]

@@ -22,11 +22,11 @@ def module_command(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
-def _worker_env(nproc: int) -> dict[str, str]:
-    from megatron_tbrm.ports import free_port
-
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
-               LOCAL_WORLD_SIZE=str(nproc))
+def _worker_env(nproc: int, store_port: int) -> dict[str, str]:
+    # As torchrun does: the ranks are clients of the launcher's store (rank 0 does not bind a
+    # port picked ahead of time, which another process can take first).
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port), WORLD_SIZE=str(nproc),
+               LOCAL_WORLD_SIZE=str(nproc), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # A checkout run without an install (tools/*.py put its root on their own sys.path only):
     # the workers import megatron_tbrm from the same place. An installed package needs nothing.
@@ -39,11 +39,15 @@ def launch(command: str | Sequence[str], nproc: int, argv: Sequence[str]) -> int
     """Run `command argv` as `nproc` local ranks with torchrun's environment variables.
     `command` is a script path (run with this interpreter) or a full command line.
 
-    A minimal torchrun: no extra launcher process importing torch, and when one rank
-    fails the others are stopped instead of waiting in a collective until the timeout.
+    A minimal torchrun: it hosts the ranks' rendezvous store on a port it binds itself, and
+    when one rank fails the others are stopped instead of waiting in a collective until the
+    timeout.
     """
+    from torch.distributed import TCPStore  # here, not at module level (see the module docstring)
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     cmd = [sys.executable, command] if isinstance(command, (str, os.PathLike)) else list(command)
-    env = _worker_env(nproc)
+    env = _worker_env(nproc, store.port)
     procs = [subprocess.Popen([*cmd, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(nproc)]
     try:
         while True:
@@ -71,9 +75,6 @@ def is_worker(module: str, nproc: int, argv: Sequence[str]) -> bool:
             if rc:
                 raise SystemExit(f"error: conversion workers failed (exit code {rc})")
             return False
-        from megatron_tbrm.ports import free_port
-
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif int(os.environ["WORLD_SIZE"]) != nproc:
         raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but --tp x --pp = {nproc}: "
                          f"run one process per model-parallel rank")

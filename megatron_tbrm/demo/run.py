@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..ports import free_port
+from ..ports import torchrun_command
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
@@ -49,8 +49,7 @@ def verdict(before: float, mean_last3: float, goal: float = GOAL_GAIN) -> str:
 
 
 def torchrun(nproc: int, module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}", "-m", module, *args]
+    return [*torchrun_command(nproc), "-m", module, *args]
 
 
 def summarize(run_dir: Path, out: Path, t0: float, warm_start: dict | None = None) -> dict:

@@ -35,7 +35,6 @@ import torch
 
 from ..data import PromptDataset, PromptSampler, SYSTEM_PROMPT, load_tokenizer
 from ..log import get_logger, progress_bar, setup_logging
-from ..ports import free_port
 from .arithmetic import arithmetic_solution
 
 log = get_logger(__name__)
@@ -294,8 +293,6 @@ def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = D
     if steps < 1 or batch < 1 or lr <= 0:
         raise ValueError(f"steps={steps}, batch={batch}, lr={lr}: need steps >= 1, batch >= 1, lr > 0")
     owns_dist = not dist.is_initialized()
-    if owns_dist and "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     ps = init_distributed(tp=tp, pp=pp, seed=seed)
     try:
         if batch % ps.dp_size:

@@ -134,6 +134,9 @@ class VLLMServer:
         self.model = str(model)
         self.host = host
         self.port = port or free_port(host)
+        # A port picked here is bound by vLLM seconds later; if it was taken meanwhile, the
+        # server is started again on a newly picked one (wait_healthy), at most this many times.
+        self._port_retries_left = 0 if port else 3
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.kv_cache_bytes = kv_cache_bytes
@@ -215,6 +218,9 @@ class VLLMServer:
             raise RolloutServerError(f"{self.describe()} is attached, not owned: it cannot be started here")
         if self.proc is not None:
             return self
+        while port_in_use(self.host, self.port) and self._port_retries_left:
+            self._port_retries_left -= 1
+            self.port = free_port(self.host)
         if port_in_use(self.host, self.port):
             raise RolloutServerError(f"port {self.port} on {self.host} is already in use")
         # vLLM binds ZMQ ipc sockets in $TMPDIR and unix socket paths are limited to 107
@@ -257,6 +263,12 @@ class VLLMServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
+                if self._lost_port_race():
+                    self.stop()
+                    self._port_retries_left -= 1
+                    self.port = free_port(self.host)
+                    self.start()
+                    continue
                 raise self.error(f"exited with code {self.proc.returncode} while starting")
             try:
                 if requests.get(f"{self.url}/health", timeout=2.0).status_code == 200:
@@ -266,6 +278,11 @@ class VLLMServer:
             if time.monotonic() > deadline:
                 raise self.error(f"was not healthy after {timeout:.0f} s")
             time.sleep(0.5)
+
+    def _lost_port_race(self) -> bool:
+        """The server died binding the port we picked for it (taken since), and may retry."""
+        cause = self.root_cause() or ""
+        return self._port_retries_left > 0 and ("Address already in use" in cause or "Errno 98" in cause)
 
     def alive(self) -> bool:
         """Owned: the process runs. Attached: /health answers."""
