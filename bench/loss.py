@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -101,7 +101,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def worker(rank: int, tp: int, port: int, variant: str, a: argparse.Namespace, queue) -> None:
+def worker(rank: int, tp: int, store: str, variant: str, a: argparse.Namespace, queue) -> None:
     device = torch.device("cuda", rank) if a.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -111,7 +111,7 @@ def worker(rank: int, tp: int, port: int, variant: str, a: argparse.Namespace, q
     if tp > 1:
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
-            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
+            init_method=f"file://{store}", rank=rank, world_size=tp,
         )
         group = dist.group.WORLD
     b, s, v_local = a.batch, a.seq, PADDED_VOCAB // tp
@@ -132,7 +132,7 @@ def worker(rank: int, tp: int, port: int, variant: str, a: argparse.Namespace, q
     def step() -> torch.Tensor:
         logits.grad = None
         if variant == "ours":
-            loss, _ = tbrm_loss(*inputs, TRUE_VOCAB, group, chunk_size=a.chunk_size)
+            loss, _ = tbrm_loss(*inputs, vocab_size=TRUE_VOCAB, tp_group=group, chunk_size=a.chunk_size)
         else:
             loss = naive_tbrm_loss(*inputs, TRUE_VOCAB, group)
         loss.backward()
@@ -165,12 +165,10 @@ def worker(rank: int, tp: int, port: int, variant: str, a: argparse.Namespace, q
 def run(variant: str, tp: int, a: argparse.Namespace) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(
-        worker, args=(tp, port, variant, a, queue), nprocs=tp, join=True, start_method="spawn"
-    )
+    with tempfile.TemporaryDirectory() as tmp:  # a file store: no port picked ahead for rank 0
+        mp.start_processes(
+            worker, args=(tp, f"{tmp}/store", variant, a, queue), nprocs=tp, join=True, start_method="spawn"
+        )
     per_rank = [queue.get() for _ in range(tp)]
     return {
         "time": max(r["time"] for r in per_rank),

@@ -13,7 +13,8 @@ import sys
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now (for a rendezvous or a server about to start)."""
+    """A TCP port free on `host` now, for a server about to start; it can be taken before the
+    server binds it (VLLMServer picks again then). Rendezvous stores bind port 0 instead."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -36,7 +37,8 @@ def port_in_use(host: str, port: int) -> bool:
 def torchrun_command(nproc: int, *args: str) -> list[str]:
     """`python -m torch.distributed.run` for `nproc` ranks on this host, then `args` (a script
     and its arguments, or "-m", module, ...). --standalone: the c10d rendezvous binds a free
-    port itself and hands it to the ranks as MASTER_PORT, so two launches never collide."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+    port itself and hands it to the ranks as MASTER_PORT, so two launches never collide;
+    --local-addr: MASTER_ADDR is loopback, not the host's FQDN (unresolvable in some containers)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1", "--nnodes=1",
             f"--nproc-per-node={nproc}", *args]
 

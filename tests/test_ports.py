@@ -22,7 +22,9 @@ ALL_REDUCE = textwrap.dedent("""
     ps = init_distributed()
     t = torch.ones(1)
     dist.all_reduce(t)
-    print("world", dist.get_world_size(), "sum", int(t.item()), "port", os.environ["MASTER_PORT"])
+    with open(os.path.join(os.environ["OUT_DIR"], f"rank{dist.get_rank()}.txt"), "w") as f:
+        f.write(f"world {dist.get_world_size()} sum {int(t.item())} port {os.environ['MASTER_PORT']} "
+                f"addr {os.environ['MASTER_ADDR']}")
     destroy_distributed()
 """)
 
@@ -41,21 +43,19 @@ def default_port_taken():
 def _run(cmd, tmp_path):
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), OUT_DIR=str(tmp_path))
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     p = subprocess.run([*cmd, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
+    return [f.read_text() for f in sorted(tmp_path.glob("rank*.txt"))]
 
 
 def test_torchrun_command_rendezvous_binds_its_own_port(default_port_taken, tmp_path):
-    out = _run(torchrun_command(2), tmp_path)
-    lines = [x for x in out.splitlines() if x.startswith("world")]
-    assert len(lines) == 2 and all(x.startswith("world 2 sum 2 port ") for x in lines), out
-    assert "port 29500" not in out
+    lines = _run(torchrun_command(2), tmp_path)
+    assert len(lines) == 2 and all(x.startswith("world 2 sum 2 port ") for x in lines), lines
+    assert all(" port 29500 " not in x and x.endswith(" addr 127.0.0.1") for x in lines), lines
 
 
 def test_a_world_of_one_binds_its_own_port(default_port_taken, tmp_path):
-    out = _run([sys.executable], tmp_path)
-    assert "world 1 sum 1 port 0" in out, out
+    assert _run([sys.executable], tmp_path) == ["world 1 sum 1 port 0 addr 127.0.0.1"]

@@ -225,9 +225,13 @@ def test_port_in_use_is_reported(server, tiny_model_dir, tmp_path):
 
 def test_a_picked_port_taken_before_vllm_binds_it_is_picked_again(tiny_model_dir, tmp_path):
     """The pick-then-bind race CI lost (EADDRINUSE): another process takes the picked port
-    before start() (start picks again) or while vLLM imports (vLLM exits on the bind; the
-    server is started again on a new port and comes up there)."""
+    before start() (start picks again) or while vLLM imports (vLLM exits on the bind). Waited
+    on from another thread (as start_all does for several engines), that is PortTaken, and the
+    starting thread starts the server again on a new port: the server must outlive the waiting
+    thread (its parent-death signal follows the thread that forked it)."""
     import socket
+
+    from megatron_tbrm.rollout.server import PortTaken
 
     s = VLLMServer(tiny_model_dir, work_dir=tmp_path, **SERVER_KW)
     first = s.port
@@ -236,14 +240,29 @@ def test_a_picked_port_taken_before_vllm_binds_it_is_picked_again(tiny_model_dir
         s.start()
         second = s.port
         taken.append(socket.create_server(("127.0.0.1", second)))  # vLLM binds it after seconds of imports
-        s.wait_healthy(timeout=600)
+        errors = []
+        waiter = threading.Thread(target=lambda: errors.append(_raised(s.wait_healthy, 600)))
+        waiter.start()
+        waiter.join()
+        assert isinstance(errors[0], PortTaken), errors
+        s.start_on_new_port().wait_healthy(timeout=600)
         assert s.port not in (first, second)
+        time.sleep(2)
+        assert s.alive()
         assert RolloutClient.for_server(s).generate(PROMPTS[:1], max_tokens=4, progress=False)
         assert "Address already in use" in s.log_path.read_text()  # the attempt that lost the race
     finally:
         s.stop()
         for sock in taken:
             sock.close()
+
+
+def _raised(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        return e
+    return None
 
 
 def test_attach_uses_running_server_and_never_stops_it(server):

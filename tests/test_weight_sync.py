@@ -148,7 +148,7 @@ def test_gloo_broadcast_sync_matches_transformers_and_reconnects(server, client,
     sync = WeightSync(server, transport="gloo", bucket_bytes=32 * 2**10)
     with pytest.raises(RuntimeError, match="call connect"):
         sync.push(hf_model.state_dict().items())
-    sync.connect("127.0.0.1", free_port())
+    sync.connect("127.0.0.1", free_port())  # a user-set port (rollout.weight_sync.master_port)
     for seed in (6, 7):  # a second connect replaces the group (what a server restart needs)
         perturb(hf_model, seed)
         ref = hf_logprobs(hf_model, PROMPT, RESPONSE)
@@ -165,7 +165,7 @@ def test_nccl_sync_matches_transformers(server, client, hf_model):
     perturb(hf_model, 4)
     ref = hf_logprobs(hf_model, PROMPT, RESPONSE)
     sync = WeightSync(server, transport="nccl", bucket_bytes=32 * 2**10)
-    sync.connect("127.0.0.1", free_port())
+    sync.connect("127.0.0.1", 0)
     sync.push((k, v.cuda()) for k, v in hf_model.state_dict().items())
     after = torch.tensor(client.score_logprobs(PROMPT, RESPONSE), dtype=torch.float64)
     assert (after - ref).abs().max() < 1e-3  # GPU kernels (TF32) are looser than CPU fp32

@@ -72,12 +72,26 @@ def each(servers: Sequence["VLLMServer"], fn: Callable[["VLLMServer"], T]) -> li
 
 
 def start_all(servers: Sequence["VLLMServer"], timeout: float) -> None:
-    """Start every engine, then wait for all to be healthy (they load in parallel). On an
-    error every engine started here is stopped again."""
+    """Start every engine, then wait for all to be healthy (they load in parallel). An engine
+    that lost its picked port (PortTaken) is started again here, on this thread, which its
+    parent-death signal follows. On an error every engine started here is stopped again."""
+    from .server import PortTaken
+
+    def port_lost(s: "VLLMServer") -> bool:
+        try:
+            s.wait_healthy(timeout)
+            return False
+        except PortTaken:
+            return True
+
     try:
         for s in servers:
             s.start()
-        each(servers, lambda s: s.wait_healthy(timeout))
+        waiting = list(servers)
+        while waiting:  # bounded: each PortTaken uses one of the server's PORT_RETRIES
+            waiting = [s for s, lost in zip(waiting, each(waiting, port_lost)) if lost]
+            for s in waiting:
+                s.start_on_new_port()
     except BaseException:
         for s in servers:
             s.stop()

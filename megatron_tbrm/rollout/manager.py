@@ -72,8 +72,10 @@ class RolloutManager:
         else:
             self.servers = self._owned_engines()
             for i, s in enumerate(self.servers):
-                log.info(f"starting vLLM engine {i} on {s.url}{_devices(s)} (log: {s.log_path})")
+                log.info(f"starting vLLM engine {i}{_devices(s)} (log: {s.log_path})")
             start_all(self.servers, r.startup_timeout_s)
+            for i, s in enumerate(self.servers):
+                log.info(f"vLLM engine {i} serves {s.url}")
         self.client = RolloutClient(self.servers, max_concurrency=r.max_concurrency, timeout=r.request_timeout_s)
         self.sync = WeightSync(self.servers, transport=r.weight_sync.transport,
                                bucket_bytes=r.weight_sync.bucket_mb * 2**20, pause_mode=r.weight_sync.pause_mode)
@@ -240,8 +242,8 @@ class RolloutManager:
         return failed or list(range(len(self.servers)))
 
     def _restart(self, engines: list[int]) -> None:
-        """Stop and start these engines (same ports and GPUs), reconnect their weight sync;
-        the others keep running. The trainer pushes its weights next (ServerRestarted). A
+        """Stop and start these engines (same GPUs; same ports unless a picked one was taken),
+        reconnect their weight sync; the others keep running. The trainer pushes its weights next (ServerRestarted). A
         server dies with the thread that starts it (rollout/process.py): call from one that
         lives as long as the run (the trainer's, or the rollouts-ahead thread)."""
         from .engines import start_all

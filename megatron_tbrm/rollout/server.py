@@ -27,15 +27,17 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
 from megatron_tbrm.ports import free_port, port_in_use
 from megatron_tbrm.rollout.server_args import cpu_scheduler_args, cuda_available, extra_cli_args
-from megatron_tbrm.rollout.process import die_with_parent, group_alive, signal_group
+from megatron_tbrm.rollout.process import die_with_parent, group_alive, group_members, signal_group
 from megatron_tbrm.rollout.vllm_cpu_patches import ENV_BUSY_LOOP_S, PLUGIN_NAME, busy_loop_env, plugin_installed
 
 WORKER_EXTENSION = "megatron_tbrm.rollout.worker_extension.WeightReceiver"
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])  # folder holding megatron_tbrm/
+PORT_RETRIES = 3  # new ports tried per start when the picked one was taken before vLLM bound it
 
 
 # A traceback's last line, "RuntimeError: ...", bare or as vLLM logs it at ERROR level
@@ -63,6 +65,12 @@ class RolloutServerError(RuntimeError):
     def __init__(self, message: str, server: "VLLMServer | None" = None):
         super().__init__(message)
         self.server = server
+
+
+class PortTaken(RolloutServerError):
+    """The server died binding the port picked for it, which another process took in between.
+    Raised by wait_healthy() on a thread other than the one that started the server; the
+    starter calls start_on_new_port() (rollout/engines.py start_all does)."""
 
 
 # Servers this process owns, stopped on SIGTERM/SIGHUP and at exit.
@@ -103,7 +111,8 @@ class VLLMServer:
     """A vLLM OpenAI-compatible server for `model` (an HF folder), started by start().
 
     Use as a context manager, or call start()/wait_healthy()/stop(). port=0/None picks a
-    free port. `kv_cache_bytes` maps to --kv-cache-memory-bytes (needed on CPU, where there
+    free port, picked again (at most PORT_RETRIES times) if another process takes it before
+    vLLM binds it; an explicit port never changes. `kv_cache_bytes` maps to --kv-cache-memory-bytes (needed on CPU, where there
     is no GPU memory to size the cache from). `extra_args` go to the vLLM CLI verbatim
     (list) or as {"flag": value} (dict). `shm_busy_loop_s` (CPU only; None: vLLM's 1 s) caps
     how long vLLM's message-queue readers spin after each read (rollout/vllm_cpu_patches.py);
@@ -135,8 +144,10 @@ class VLLMServer:
         self.host = host
         self.port = port or free_port(host)
         # A port picked here is bound by vLLM seconds later; if it was taken meanwhile, the
-        # server is started again on a newly picked one (wait_healthy), at most this many times.
-        self._port_retries_left = 0 if port else 3
+        # server is started again on a newly picked one, at most PORT_RETRIES times per start.
+        self._port_picked = not port
+        self._port_retries_left = PORT_RETRIES if self._port_picked else 0
+        self._start_thread: int | None = None
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.kv_cache_bytes = kv_cache_bytes
@@ -167,6 +178,7 @@ class VLLMServer:
         self.port = int(port)
         self._url = url
         self.proc, self._owned, self._log_file = None, False, None
+        self._port_picked, self._port_retries_left, self._start_thread = False, 0, None
         self.log_path = None
         self.model = model_name or "?"
         self.model_name = self.model
@@ -219,8 +231,7 @@ class VLLMServer:
         if self.proc is not None:
             return self
         while port_in_use(self.host, self.port) and self._port_retries_left:
-            self._port_retries_left -= 1
-            self.port = free_port(self.host)
+            self._repick_port()
         if port_in_use(self.host, self.port):
             raise RolloutServerError(f"port {self.port} on {self.host} is already in use")
         # vLLM binds ZMQ ipc sockets in $TMPDIR and unix socket paths are limited to 107
@@ -255,23 +266,30 @@ class VLLMServer:
             preexec_fn=lambda parent=os.getpid(): die_with_parent(parent),
         )
         _LIVE.add(self)
+        # The parent-death signal follows the forking thread (rollout/process.py): a restart
+        # on a lost port race must come from this thread too.
+        self._start_thread = threading.get_ident()
         return self
 
     def wait_healthy(self, timeout: float = 300.0) -> "VLLMServer":
-        """Poll /health until it answers 200; raise RolloutServerError if the process dies
-        or `timeout` passes."""
+        """Poll /health until this server (not another process on its port) answers 200; raise
+        RolloutServerError if the process dies or `timeout` s pass. A server that died on a
+        picked port taken since is started again on a new one (with a fresh `timeout`) when
+        called on the thread that started it, else PortTaken is raised."""
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
                 if self._lost_port_race():
-                    self.stop()
-                    self._port_retries_left -= 1
-                    self.port = free_port(self.host)
-                    self.start()
+                    if threading.get_ident() != self._start_thread:
+                        raise PortTaken(f"{self.describe()} lost its port to another process", server=self)
+                    self.start_on_new_port()
+                    deadline = time.monotonic() + timeout
                     continue
                 raise self.error(f"exited with code {self.proc.returncode} while starting")
             try:
-                if requests.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                if requests.get(f"{self.url}/health", timeout=2.0).status_code == 200 and self._listens_here():
+                    if self._port_picked:
+                        self._port_retries_left = PORT_RETRIES  # for the next (re)start
                     return self
             except requests.RequestException:
                 pass
@@ -279,10 +297,41 @@ class VLLMServer:
                 raise self.error(f"was not healthy after {timeout:.0f} s")
             time.sleep(0.5)
 
+    def start_on_new_port(self) -> "VLLMServer":
+        """After PortTaken: stop, pick a new free port, start again (from the thread that
+        should own the server)."""
+        self.stop()
+        self._repick_port()
+        return self.start()
+
+    def _repick_port(self) -> None:
+        old, self.port = self.port, free_port(self.host)
+        self._port_retries_left -= 1
+        warnings.warn(f"vLLM server for {self.model}: port {old} was taken by another process; using {self.port}")
+
     def _lost_port_race(self) -> bool:
         """The server died binding the port we picked for it (taken since), and may retry."""
         cause = self.root_cause() or ""
         return self._port_retries_left > 0 and ("Address already in use" in cause or "Errno 98" in cause)
+
+    def _listens_here(self) -> bool:
+        """Owned: a process of our server's group listens on self.port (vLLM binds the port
+        long before it listens, so a server that picked the same port could answer first).
+        Attached: True."""
+        if self.proc is None:
+            return True
+        try:
+            pgid = os.getpgid(self.proc.pid)
+        except ProcessLookupError:
+            return False
+        for pid in group_members(pgid):
+            try:
+                conns = psutil.Process(pid).net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in conns):
+                return True
+        return False
 
     def alive(self) -> bool:
         """Owned: the process runs. Attached: /health answers."""

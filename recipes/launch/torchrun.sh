@@ -52,8 +52,9 @@ if ! [[ $NPROC =~ ^[1-9][0-9]*$ ]]; then
 fi
 
 read -r -a torchrun <<<"${TORCHRUN:-torchrun}"
-# --standalone: a local c10d rendezvous on a free port, so two runs on one machine do not collide.
-cmd=("${torchrun[@]}" --standalone --nnodes=1 "--nproc-per-node=$NPROC")
+# --standalone: a local c10d rendezvous on a free port, so two runs on one machine do not collide;
+# --local-addr: the ranks reach it on loopback, not on the host's FQDN (unresolvable in some containers).
+cmd=("${torchrun[@]}" --standalone --local-addr=127.0.0.1 --nnodes=1 "--nproc-per-node=$NPROC")
 if [[ -n ${LOG_DIR:-} ]]; then
   mkdir -p "$LOG_DIR"
   cmd+=("--log-dir=$LOG_DIR" --tee=3)
