@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megatron_tbrm.ports import torchrun_command  # noqa: E402
+
 GOAL = 0.15
 
 # The side-by-side (item 3): the same number of samples per step (64) for all three.

@@ -34,11 +34,10 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def torchrun_command(nproc: int, *args: str) -> list[str]:
-    """`python -m torch.distributed.run` for `nproc` ranks on this host, then `args` (a script
-    and its arguments, or "-m", module, ...). --standalone: the c10d rendezvous binds a free
-    port itself and hands it to the ranks as MASTER_PORT, so two launches never collide;
+def torchrun_command(nproc: int) -> list[str]:
+    """`python -m torch.distributed.run` for `nproc` ranks on this host; append the script and
+    its arguments (or "-m", module, ...). --standalone: the c10d rendezvous binds a free port
+    itself and hands it to the ranks as MASTER_PORT, so two launches never collide;
     --local-addr: MASTER_ADDR is loopback, not the host's FQDN (unresolvable in some containers)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1", "--nnodes=1",
-            f"--nproc-per-node={nproc}", *args]
-
+            f"--nproc-per-node={nproc}"]

@@ -1,6 +1,9 @@
 """Launches that bind their rendezvous port themselves: CI lost a torchrun rendezvous to
 EADDRINUSE on a port picked ahead of time (tests/_torchrun.py then passed --master-port). Here
-torch's default port 29500 is held by another listener, as a concurrent run would hold it."""
+torch's default port 29500 is held by another listener, as a concurrent run would hold it. A
+world of one on the old fixed default (29500) fails here; the torchrun test checks that the
+ranks get the rendezvous's own port and reach it on loopback (--local-addr), which a pre-picked
+port could not show (the race itself is not reproducible on demand)."""
 from __future__ import annotations
 
 import os

@@ -243,9 +243,10 @@ class RolloutManager:
 
     def _restart(self, engines: list[int]) -> None:
         """Stop and start these engines (same GPUs; same ports unless a picked one was taken),
-        reconnect their weight sync; the others keep running. The trainer pushes its weights next (ServerRestarted). A
-        server dies with the thread that starts it (rollout/process.py): call from one that
-        lives as long as the run (the trainer's, or the rollouts-ahead thread)."""
+        reconnect their weight sync; the others keep running. The trainer pushes its weights
+        next (ServerRestarted). A server dies with the thread that starts it
+        (rollout/process.py): call from one that lives as long as the run (the trainer's, or
+        the rollouts-ahead thread)."""
         from .engines import start_all
 
         servers = [self.servers[i] for i in engines]
