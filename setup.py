@@ -10,7 +10,7 @@ CORE = [
     "numpy>=1.26",
     "tqdm>=4.66",
     "requests>=2.31",
-    "psutil>=5.9",  # megatron-core's checkpoint saving imports it without declaring it
+    "psutil>=6.0",  # Process.net_connections (rollout/server.py); megatron-core imports it undeclared
 ]
 
 EXTRAS = {
