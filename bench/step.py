@@ -8,15 +8,17 @@ B. Wall time of a full TBRM n=1 step vs a GRPO n=4 step on the same prompts (rol
    on 7B; here rollouts of a tiny model are cheap, so the ratio says how this stack splits time.
 C. (--overlap) Wall time per step of TBRM n=1 with train.max_staleness k = 0, 1, 2 (rollouts of
    the next k steps generated while the update runs), same prompts, next to the bound the
-   step's parts allow: k=0's median max(rollout, rest) / (rollout + rest), the bound when the
-   rollout and the update run on separate devices. Each k runs twice: with
-   rollout.shm_busy_loop_s=null (vLLM's reader busy loop of 1 s) and 0.05 (the default; vLLM
-   patch in rollout/vllm_cpu_patches.py). On this CPU rollout and update share the cores: the
-   fraction of the machine's CPU time (/proc/stat) each run keeps busy, and the CPU seconds of
-   each process (psutil, by vLLM's process titles), are printed too (docs/offpolicy.md,
-   "Where the CPU time goes"). Goal (issue 18): k=1 <= 0.7x of k=0.
+   step's parts allow: k=0's max(rollout, rest) / (rollout + rest), the bound when the rollout
+   and the update run on separate devices. `--warm DIR` runs the demo recipe (64 prompts) from
+   a demo folder's warm start; without it, a tiny random model at 32 prompts. Every setting
+   runs `--repeats` times in ABBA order (0, 1, 2, 2, 1, 0); `--busy null 0.05` adds vLLM's own
+   1 s reader busy loop next to the default 0.05 s (rollout.shm_busy_loop_s, vLLM patch in
+   rollout/vllm_cpu_patches.py). On this CPU rollout and update share the cores: the fraction
+   of the machine's CPU time (/proc/stat) each run keeps busy, and the CPU seconds of each
+   process (psutil, by vLLM's process titles), are printed too (docs/offpolicy.md, "Where the
+   CPU time goes"). Goal (issue 18): k=1 <= 0.7x of k=0.
 
-    python bench/step.py [--nproc 2] [--skip-full] [--overlap [--steps 8]]
+    python bench/step.py [--nproc 2] [--skip-full] [--overlap [--steps 8] [--warm runs/demo] [--repeats 2]]
 
 A runs under torchrun with --nproc ranks (DP); B launches the trainer twice.
 """
@@ -232,30 +234,72 @@ def part_b(model_dir: Path, data: Path, nproc: int, steps: int, work: Path) -> d
 
 
 def part_c(model_dir: Path, data: Path, nproc: int, steps: int, work: Path, ks=(0, 1, 2),
-           busy_loops=("null", "0.05")) -> dict:
-    """{(busy_loop, k): metrics}: every max_staleness k with every rollout.shm_busy_loop_s
-    (null: vLLM's own 1 s busy loop), interleaved so that machine drift hits both alike."""
-    res = {}
-    for busy, k in [(b, k) for k in ks for b in busy_loops]:
-        run_dir = work / f"staleness_{k}_busy_{busy}"
+           busy_loops=("0.05",), repeats: int = 2, recipe_batch: bool = False) -> dict:
+    """{(busy_loop, k): [metrics of each repeat]}: every max_staleness k with every
+    rollout.shm_busy_loop_s (null: vLLM's own 1 s busy loop), `repeats` times in ABBA order
+    (k = 0, 1, 2, 2, 1, 0, ...: a drift of the machine over the bench hits every k alike).
+
+    `recipe_batch`: keep the recipe's prompts per step, micro-batch and value offset (the demo
+    recipe); otherwise 32 prompts in micro-batches of 8, no value offset (the random model's
+    old setting). Per-step
+    times are means over the steady state (the end of step 1 to the end of the last step), and
+    so are the parts: rollout times are heavy-tailed (a step now and then takes 3-10x the
+    median), so medians of the parts would not add up to the mean step."""
+    batch = [] if recipe_batch else ["train.prompts_per_step=32", "train.micro_batch_size=8", "model.value_offset=false"]
+    order = []
+    for rep in range(repeats):
+        settings = [(b, k) for k in ks for b in busy_loops]
+        order += [(rep, b, k) for b, k in (settings if rep % 2 == 0 else settings[::-1])]
+    res: dict = {}
+    for rep, busy, k in order:
+        run_dir = work / f"staleness_{k}_busy_{busy}_rep{rep}"
         cmd = [*torchrun_command(nproc), "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
                f"model.path={model_dir}", f"data.train_path={data}", f"run.dir={run_dir}", f"train.steps={steps}",
-               "eval.every=0", "checkpoint.save_every=0", "model.value_offset=false", "run.progress=false",
-               "train.prompts_per_step=32", "train.micro_batch_size=8", f"train.max_staleness={k}",
-               f"rollout.shm_busy_loop_s={busy}"]
+               "eval.every=0", "checkpoint.save_every=0", "run.progress=false",
+               *batch, f"train.max_staleness={k}", f"rollout.shm_busy_loop_s={busy}"]
         with CpuSampler(run_dir / "metrics.jsonl") as cpu:
-            run_logged(cmd, run_dir / "launcher.log", f"part C (max_staleness={k}, shm_busy_loop_s={busy})")
+            run_logged(cmd, run_dir / "launcher.log", f"part C (max_staleness={k}, shm_busy_loop_s={busy}, repeat {rep})")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "step_s" in r]
-        # steady state: from the end of step 1 (start-up and the first rollout excluded) to the end
-        per_step = (rows[-1]["wall_time"] - rows[0]["wall_time"]) / (len(rows) - 1)
-        rest = [r["ref_s"] + r["train_s"] + r["sync_s"] for r in rows[1:]]
-        roll = [r["rollout_s"] for r in rows[1:]]
-        res[busy, k] = {"per_step_s": per_step, "rollout_s": statistics.median(roll), "update_sync_s": statistics.median(rest),
-                  "staleness_mean": statistics.mean(r.get("staleness_mean", 0.0) for r in rows[1:]),
-                  "trainer_idle_s": statistics.median(r.get("trainer_idle_s", 0.0) for r in rows[1:]),
-                  "cpu_busy": cpu.busy_fraction(), "cpu_s_by_process": cpu.cpu_s_by_process()}
+        steady = rows[1:]
+        roll = [r["rollout_s"] for r in steady]
+        res.setdefault((busy, k), []).append({
+            # wall clock from the end of step 1 to the end of the last: what a user waits for
+            "per_step_s": (rows[-1]["wall_time"] - rows[0]["wall_time"]) / (len(rows) - 1),
+            "step_s": statistics.mean(r["step_s"] for r in steady),
+            "rollout_s": statistics.mean(roll), "rollout_median_s": statistics.median(roll),
+            "update_sync_s": statistics.mean(r["ref_s"] + r["train_s"] + r["sync_s"] for r in steady),
+            "staleness_mean": statistics.mean(r.get("staleness_mean", 0.0) for r in steady),
+            "trainer_idle_s": statistics.mean(r.get("trainer_idle_s", 0.0) for r in steady),
+            "cpu_busy": cpu.busy_fraction(), "cpu_s_by_process": cpu.cpu_s_by_process()})
     return res
+
+
+def print_part_c(c: dict, steps: int, nproc: int, what: str) -> None:
+    def mean(runs, m):
+        return statistics.mean(r[m] for r in runs)
+
+    def each(xs):
+        return ", ".join(f"{x:.2f}" for x in xs)
+
+    print(f"C. TBRM n=1, {what}, {steps} steps, {nproc} trainer ranks, vLLM CPU server; per step: the mean "
+          f"over the steady state (from the end of step 1); busy = rollout.shm_busy_loop_s (null: vLLM's 1 s); "
+          f"{len(next(iter(c.values())))} runs per setting in ABBA order")
+    for (busy, k), runs in c.items():
+        parts = ("rollout_s", "rollout_median_s", "update_sync_s", "staleness_mean", "trainer_idle_s", "cpu_busy")
+        print(f"   busy={busy:>4} max_staleness={k}: per_step_s {mean(runs, 'per_step_s'):.2f} "
+              f"(runs: {each(r['per_step_s'] for r in runs)}); " + ", ".join(f"{m}={mean(runs, m):.2f}" for m in parts))
+        print("      cpu-s by process (whole run, first repeat): "
+              + ", ".join(f"{n} {s:.0f}" for n, s in list(runs[0]["cpu_s_by_process"].items())[:6]))
+    for busy in dict.fromkeys(b for b, _ in c):
+        k0 = c[busy, 0]
+        r, u = mean(k0, "rollout_s"), mean(k0, "update_sync_s")
+        ratios = ", ".join(
+            f"k={k} / k=0 = {mean(c[busy, k], 'per_step_s') / mean(k0, 'per_step_s'):.2f}x "
+            f"(per repeat: {each(x['per_step_s'] / y['per_step_s'] for x, y in zip(c[busy, k], k0))})"
+            for b, k in c if b == busy and k)
+        print(f"   busy={busy}: {ratios}; bound from k=0's parts (separate devices) max/sum = {max(r, u) / (r + u):.2f}x")
+    print("   goal (issue 18): k=1 <= 0.70x of k=0")
 
 
 def main() -> None:
@@ -270,10 +314,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--skip-full", action="store_true", help="only part A")
     ap.add_argument("--overlap", action="store_true", help="only part C (max_staleness 0 / 1 / 2)")
+    ap.add_argument("--warm", type=Path, default=None,
+                    help="part C on the demo recipe: a demo folder (its sft_model and data/train.jsonl, e.g. runs/demo)")
+    ap.add_argument("--busy", nargs="+", default=["0.05"],
+                    help="part C's rollout.shm_busy_loop_s values (null: vLLM's 1 s busy loop)")
+    ap.add_argument("--repeats", type=int, default=2, help="part C: runs per setting, in ABBA order")
     ap.add_argument("--arch", default="tiny", choices=["tiny", *ARCHS], help="part A's model")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-step",
                     help="model, data, runs and logs (kept: a failed run can be read)")
     a = ap.parse_args()
+    if a.warm is not None:
+        for p in (a.warm / "sft_model" / "config.json", a.warm / "data" / "train.jsonl"):
+            if not p.exists():
+                ap.error(f"--warm {a.warm}: {p} is missing (a demo folder: run `make demo` first)")
 
     from megatron_tbrm.demo.arithmetic import make_arithmetic_splits
     from megatron_tbrm.demo.tiny import TinyModelSpec, write_tiny_model
@@ -284,25 +337,14 @@ def main() -> None:
     model = write_tiny_model(work / "model", TinyModelSpec())
     train, _ = make_arithmetic_splits(work / "data", 512, 16)
     if a.overlap:
-        c = part_c(model, train, a.nproc, a.steps, work)
-        base = c[next(iter(c))]["per_step_s"]  # the first setting's k=0
-        print(f"C. TBRM n=1, 32 prompts per step, {a.steps} steps, {a.nproc} trainer ranks, vLLM CPU server "
-              f"(per step: steady state from the end of step 1); busy = rollout.shm_busy_loop_s (null: vLLM's 1 s)")
-        for (busy, k), v in c.items():
-            print(f"   busy={busy:>4} max_staleness={k}: "
-                  + ", ".join(f"{m}={x:.2f}" for m, x in v.items() if isinstance(x, float))
-                  + f"   ratio to the first run: {v['per_step_s'] / base:.2f}x")
-            print("      cpu-s by process (whole run): "
-                  + ", ".join(f"{n} {s:.0f}" for n, s in list(v["cpu_s_by_process"].items())[:6]))
-        for busy in dict.fromkeys(b for b, _ in c):
-            r, u = c[busy, 0]["rollout_s"], c[busy, 0]["update_sync_s"]
-            ks = [k for b, k in c if b == busy]
-            ratios = ", ".join(f"k={k} / k=0 = {c[busy, k]['per_step_s'] / c[busy, 0]['per_step_s']:.2f}x" for k in ks if k)
-            print(f"   busy={busy}: {ratios}; bound from k=0's "
-                  f"parts (separate devices) max/sum = {max(r, u) / (r + u):.2f}x; CPU busy "
-                  + ", ".join(f"k={k} {c[busy, k]['cpu_busy']:.0%}" for k in ks))
-        print(f"   goal (issue 18): k=1 <= 0.70x of k=0 (k=1 with busy=0.05 against vLLM's default k=0: "
-              f"{c.get(('0.05', 1), {}).get('per_step_s', float('nan')) / base:.2f}x)")
+        if a.warm:
+            model, train = (a.warm / "sft_model").resolve(), (a.warm / "data" / "train.jsonl").resolve()
+            what = f"the demo recipe from the warm start in {a.warm} (its prompts per step)"
+        else:
+            what = "tiny random model, 32 prompts per step"
+        c = part_c(model, train, a.nproc, a.steps, work, busy_loops=tuple(a.busy), repeats=a.repeats,
+                   recipe_batch=a.warm is not None)
+        print_part_c(c, a.steps, a.nproc, what)
         return
     a_res = part_a(model if a.arch == "tiny" else a.arch, a.nproc, a.rows, a.seq, a.reps, work)
     where = a_res.get("device", "CPU")
