@@ -8,17 +8,17 @@ B. Wall time of a full TBRM n=1 step vs a GRPO n=4 step on the same prompts (rol
    on 7B; here rollouts of a tiny model are cheap, so the ratio says how this stack splits time.
 C. (--overlap) Wall time per step of TBRM n=1 with train.max_staleness k = 0, 1, 2 (rollouts of
    the next k steps generated while the update runs), same prompts, next to the bound the
-   step's parts allow: k=0's max(rollout, rest) / (rollout + rest), the bound when the rollout
-   and the update run on separate devices. `--warm DIR` runs the demo recipe (64 prompts) from
+   step's parts allow: k=0's (step - min(rollout, update+sync)) / step, the bound when the
+   rollout and the update run on separate devices. `--warm DIR` runs the demo recipe (64 prompts) from
    a demo folder's warm start; without it, a tiny random model at 32 prompts. Every setting
-   runs `--repeats` times in ABBA order (0, 1, 2, 2, 1, 0); `--busy null 0.05` adds vLLM's own
+   runs `--repeats` (even) times in ABBA order (0, 1, 2, 2, 1, 0); `--busy null 0.05` adds vLLM's own
    1 s reader busy loop next to the default 0.05 s (rollout.shm_busy_loop_s, vLLM patch in
    rollout/vllm_cpu_patches.py). On this CPU rollout and update share the cores: the fraction
    of the machine's CPU time (/proc/stat) each run keeps busy, and the CPU seconds of each
    process (psutil, by vLLM's process titles), are printed too (docs/offpolicy.md, "Where the
    CPU time goes"). Goal (issue 18): k=1 <= 0.7x of k=0.
 
-    python bench/step.py [--nproc 2] [--skip-full] [--overlap [--steps 8] [--warm runs/demo] [--repeats 2]]
+    python bench/step.py [--nproc 2] [--skip-full] [--overlap [--steps 8] [--warm runs/demo] [--repeats 2] [--busy null 0.05]]
 
 A runs under torchrun with --nproc ranks (DP); B launches the trainer twice.
 """
@@ -272,6 +272,8 @@ def part_c(model_dir: Path, data: Path, nproc: int, steps: int, work: Path, ks=(
             "staleness_mean": statistics.mean(r.get("staleness_mean", 0.0) for r in steady),
             "trainer_idle_s": statistics.mean(r.get("trainer_idle_s", 0.0) for r in steady),
             "cpu_busy": cpu.busy_fraction(), "cpu_s_by_process": cpu.cpu_s_by_process()})
+        print(f"[part C] max_staleness={k} busy={busy} repeat {rep}: {res[busy, k][-1]['per_step_s']:.3f} s per step",
+              flush=True)  # kept in the log if a later run fails
     return res
 
 
@@ -286,19 +288,21 @@ def print_part_c(c: dict, steps: int, nproc: int, what: str) -> None:
           f"over the steady state (from the end of step 1); busy = rollout.shm_busy_loop_s (null: vLLM's 1 s); "
           f"{len(next(iter(c.values())))} runs per setting in ABBA order")
     for (busy, k), runs in c.items():
-        parts = ("rollout_s", "rollout_median_s", "update_sync_s", "staleness_mean", "trainer_idle_s", "cpu_busy")
+        parts = ("step_s", "rollout_s", "rollout_median_s", "update_sync_s", "staleness_mean", "trainer_idle_s", "cpu_busy")
         print(f"   busy={busy:>4} max_staleness={k}: per_step_s {mean(runs, 'per_step_s'):.2f} "
               f"(runs: {each(r['per_step_s'] for r in runs)}); " + ", ".join(f"{m}={mean(runs, m):.2f}" for m in parts))
         print("      cpu-s by process (whole run, first repeat): "
               + ", ".join(f"{n} {s:.0f}" for n, s in list(runs[0]["cpu_s_by_process"].items())[:6]))
     for busy in dict.fromkeys(b for b, _ in c):
         k0 = c[busy, 0]
-        r, u = mean(k0, "rollout_s"), mean(k0, "update_sync_s")
+        r, u, p0 = mean(k0, "rollout_s"), mean(k0, "update_sync_s"), mean(k0, "per_step_s")
         ratios = ", ".join(
             f"k={k} / k=0 = {mean(c[busy, k], 'per_step_s') / mean(k0, 'per_step_s'):.2f}x "
             f"(per repeat: {each(x['per_step_s'] / y['per_step_s'] for x, y in zip(c[busy, k], k0))})"
             for b, k in c if b == busy and k)
-        print(f"   busy={busy}: {ratios}; bound from k=0's parts (separate devices) max/sum = {max(r, u) / (r + u):.2f}x")
+        # perfect overlap hides the shorter of rollout and update+sync, nothing else of the step
+        print(f"   busy={busy}: {ratios}; bound from k=0's parts (separate devices): (step - min(rollout, update+sync)) "
+              f"/ step = {(p0 - min(r, u)) / p0:.2f}x (rest of the step, neither part: {p0 - r - u:.2f} s)")
     print("   goal (issue 18): k=1 <= 0.70x of k=0")
 
 
@@ -323,10 +327,29 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-step",
                     help="model, data, runs and logs (kept: a failed run can be read)")
     a = ap.parse_args()
+    if not a.overlap and (a.warm is not None or a.busy != ["0.05"] or a.repeats != 2):
+        ap.error("--warm, --busy and --repeats are part C's: give them with --overlap")
+    if a.overlap:
+        if a.repeats < 1 or a.repeats % 2:
+            ap.error(f"--repeats {a.repeats}: give an even number >= 2 (ABBA order: each k's mean position equal)")
+        if a.steps < 3:
+            ap.error(f"--steps {a.steps}: part C needs at least 3 (the steady state starts after step 1)")
+        for b in a.busy:
+            try:
+                ok = b == "null" or float(b) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                ap.error(f"--busy {b}: give null or a number of seconds >= 0")
+        a.busy = list(dict.fromkeys(a.busy))
+    a.work = a.work.resolve()
     if a.warm is not None:
+        a.warm = a.warm.resolve()
         for p in (a.warm / "sft_model" / "config.json", a.warm / "data" / "train.jsonl"):
             if not p.exists():
                 ap.error(f"--warm {a.warm}: {p} is missing (a demo folder: run `make demo` first)")
+        if a.warm == a.work or a.work in a.warm.parents:
+            ap.error(f"--work {a.work} holds --warm {a.warm}: the bench deletes its work folder first")
 
     from megatron_tbrm.demo.arithmetic import make_arithmetic_splits
     from megatron_tbrm.demo.tiny import TinyModelSpec, write_tiny_model
@@ -338,7 +361,7 @@ def main() -> None:
     train, _ = make_arithmetic_splits(work / "data", 512, 16)
     if a.overlap:
         if a.warm:
-            model, train = (a.warm / "sft_model").resolve(), (a.warm / "data" / "train.jsonl").resolve()
+            model, train = a.warm / "sft_model", a.warm / "data" / "train.jsonl"
             what = f"the demo recipe from the warm start in {a.warm} (its prompts per step)"
         else:
             what = "tiny random model, 32 prompts per step"
