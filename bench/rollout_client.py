@@ -1,7 +1,8 @@
 """Where a rollout's time goes, request by request: the rollout time's heavy tail.
 
-One vLLM CPU server on a demo folder's warm start; 64-prompt batches from its training set
-(temperature 1, 32 tokens, the demo recipe's sampling), each followed by an idle gap (the
+One vLLM CPU server on a demo folder's warm start, set up as recipes/tiny_cpu.yaml sets it;
+64-prompt batches from its training set, templated and sampled as the trainer does (the
+recipe's temperature, max_tokens, end-of-turn stop), each followed by an idle gap (the
 trainer's update). Per batch: wall seconds, how long after the batch began its last request
 left the client (RolloutClient's threads: the server's HTTP handling cannot delay that, its
 CPU load can), and the slowest request's own latency (sent -> answered).
@@ -13,7 +14,6 @@ docs/throughput.md, "The rollout time's tail".
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -36,22 +36,25 @@ def main() -> None:
         if not p.exists():
             ap.error(f"--demo {a.demo}: {p} is missing (run `make demo` first)")
 
-    from transformers import AutoTokenizer
-
+    from megatron_tbrm.config import load_config
+    from megatron_tbrm.data import PromptDataset, PromptSampler, load_tokenizer
     from megatron_tbrm.rollout.client import RolloutClient, end_of_turn_token_ids
+    from megatron_tbrm.rollout.manager import VLLM_DTYPES
     from megatron_tbrm.rollout.server import VLLMServer
-    tok = AutoTokenizer.from_pretrained(model)
-    rows = [json.loads(line) for line in data.read_text().splitlines()]
-    need = a.prompts * (a.batches + 1)
-    rows = (rows * (need // len(rows) + 1))[:need]
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                                  add_generation_prompt=True, tokenize=False), add_special_tokens=False)
-               for r in rows]
-    server = VLLMServer(model, dtype="float32", max_model_len=128, kv_cache_bytes=256 << 20, max_num_seqs=a.prompts,
-                        enforce_eager=True, work_dir=tempfile.mkdtemp(prefix="bench-rollout-client-"),
-                        shm_busy_loop_s=0.05)
+
+    # The demo recipe's server and sampling settings, and its prompts as the trainer templates them.
+    cfg = load_config(REPO / "recipes" / "tiny_cpu.yaml")
+    r, d = cfg.rollout, cfg.data
+    tok = load_tokenizer(model)
+    stop = end_of_turn_token_ids(tok)
+    sampler = PromptSampler(PromptDataset(data, tok, d.prompt_key, d.answer_key, d.system_prompt,
+                                          max_prompt_tokens=d.max_prompt_tokens), a.prompts, seed=d.seed)
+    dtype = r.dtype or cfg.model.dtype
+    server = VLLMServer(model, dtype=VLLM_DTYPES.get(dtype, dtype), max_model_len=r.max_model_len,
+                        kv_cache_bytes=r.kv_cache_bytes, max_num_seqs=a.prompts, seed=cfg.parallel.seed,
+                        work_dir=tempfile.mkdtemp(prefix="bench-rollout-client-"), shm_busy_loop_s=r.shm_busy_loop_s)
     server.start()
-    server.wait_healthy(timeout=300)
+    server.wait_healthy(timeout=r.startup_timeout_s)
     client = RolloutClient.for_server(server, max_concurrency=a.prompts)
     sent: list[float] = []
     latency: list[float] = []
@@ -71,8 +74,8 @@ def main() -> None:
             sent.clear()
             latency.clear()
             t0 = time.perf_counter()
-            client.generate(prompts[a.prompts * b:a.prompts * (b + 1)], temperature=1.0, max_tokens=32, seed=b,
-                            stop_token_ids=end_of_turn_token_ids(tok), progress=False)
+            client.generate([p.prompt_ids for p in sampler.next_batch()], temperature=r.temperature, top_p=r.top_p,
+                            max_tokens=r.max_tokens, stop_token_ids=stop, seed=b, progress=False)
             if b:  # batch 0 warms the server up
                 res.append((time.perf_counter() - t0, max(sent) - t0, max(latency)))
             time.sleep(a.gap)

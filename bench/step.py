@@ -9,11 +9,11 @@ B. Wall time of a full TBRM n=1 step vs a GRPO n=4 step on the same prompts (rol
 C. (--overlap) Wall time per step of TBRM n=1 with train.max_staleness k = 0, 1, 2 (rollouts of
    the next k steps generated while the update runs), same prompts, next to the bound the
    step's parts allow: k=0's (step - min(rollout, update+sync)) / step, the bound when the
-   rollout and the update run on separate devices. `--warm DIR` runs the demo recipe (64 prompts) from
-   a demo folder's warm start; without it, a tiny random model at 32 prompts. Every setting
-   runs `--repeats` (even) times in ABBA order (0, 1, 2, 2, 1, 0); `--busy null 0.05` adds vLLM's own
-   1 s reader busy loop next to the default 0.05 s (rollout.shm_busy_loop_s, vLLM patch in
-   rollout/vllm_cpu_patches.py). On this CPU rollout and update share the cores: the fraction
+   rollout and the update run on separate devices. `--warm DIR` runs the demo recipe (64
+   prompts) from a demo folder's warm start; without it, a tiny random model at 32 prompts.
+   Every setting runs `--repeats` (even) times in ABBA order (0, 1, 2, 2, 1, 0); `--busy null
+   0.05` adds vLLM's own 1 s reader busy loop next to the default 0.05 s
+   (rollout.shm_busy_loop_s, vLLM patch in rollout/vllm_cpu_patches.py). On this CPU rollout and update share the cores: the fraction
    of the machine's CPU time (/proc/stat) each run keeps busy, and the CPU seconds of each
    process (psutil, by vLLM's process titles), are printed too (docs/offpolicy.md, "Where the
    CPU time goes"). Goal (issue 18): k=1 <= 0.7x of k=0.
@@ -211,6 +211,14 @@ def run_logged(cmd: list[str], log: Path, what: str) -> str:
     return text
 
 
+def train_command(nproc: int, model_dir: Path, data: Path, run_dir: Path, steps: int, *overrides: str) -> list[str]:
+    """The demo recipe's trainer on `nproc` ranks, timing only: no evaluation, no checkpoints,
+    no progress bar; `overrides` (key.sub=value) last."""
+    return [*torchrun_command(nproc), "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
+            f"model.path={model_dir}", f"data.train_path={data}", f"run.dir={run_dir}", f"train.steps={steps}",
+            "eval.every=0", "checkpoint.save_every=0", "run.progress=false", *overrides]
+
+
 def part_a(model_dir: Path, nproc: int, rows: int, seq: int, reps: int, work: Path) -> dict:
     cmd = [*torchrun_command(nproc), __file__, "--worker", str(model_dir), str(rows), str(seq), str(reps)]
     out = run_logged(cmd, work / "part_a.log", "part A (update step)")
@@ -222,10 +230,8 @@ def part_b(model_dir: Path, data: Path, nproc: int, steps: int, work: Path) -> d
     for name, over in (("tbrm_n1", ["loss.name=tbrm", "rollout.n=1"]),
                        ("grpo_n4", ["loss.name=grpo", "rollout.n=4"])):
         run_dir = work / name
-        cmd = [*torchrun_command(nproc), "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
-               f"model.path={model_dir}", f"data.train_path={data}", f"run.dir={run_dir}", f"train.steps={steps}",
-               "eval.every=0", "checkpoint.save_every=0", "model.value_offset=false", "run.progress=false",
-               "train.prompts_per_step=32", "train.micro_batch_size=8", *over]
+        cmd = train_command(nproc, model_dir, data, run_dir, steps, "model.value_offset=false",
+                            "train.prompts_per_step=32", "train.micro_batch_size=8", *over)
         run_logged(cmd, run_dir / "launcher.log", f"part B ({name})")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "step_s" in r][1:]  # the first step warms up
@@ -241,9 +247,8 @@ def part_c(model_dir: Path, data: Path, nproc: int, steps: int, work: Path, ks=(
 
     `recipe_batch`: keep the recipe's prompts per step, micro-batch and value offset (the demo
     recipe); otherwise 32 prompts in micro-batches of 8, no value offset (the random model's
-    old setting). Per-step
-    times are means over the steady state (the end of step 1 to the end of the last step), and
-    so are the parts: rollout times are heavy-tailed (a step now and then takes 3-10x the
+    old setting). Per-step times are means over the steady state (the end of step 1 to the
+    end of the last step), and so are the parts: rollout times are heavy-tailed (a step now and then takes 3-10x the
     median), so medians of the parts would not add up to the mean step."""
     batch = [] if recipe_batch else ["train.prompts_per_step=32", "train.micro_batch_size=8", "model.value_offset=false"]
     order = []
@@ -253,10 +258,8 @@ def part_c(model_dir: Path, data: Path, nproc: int, steps: int, work: Path, ks=(
     res: dict = {}
     for rep, busy, k in order:
         run_dir = work / f"staleness_{k}_busy_{busy}_rep{rep}"
-        cmd = [*torchrun_command(nproc), "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
-               f"model.path={model_dir}", f"data.train_path={data}", f"run.dir={run_dir}", f"train.steps={steps}",
-               "eval.every=0", "checkpoint.save_every=0", "run.progress=false",
-               *batch, f"train.max_staleness={k}", f"rollout.shm_busy_loop_s={busy}"]
+        cmd = train_command(nproc, model_dir, data, run_dir, steps, *batch, f"train.max_staleness={k}",
+                            f"rollout.shm_busy_loop_s={busy}")
         with CpuSampler(run_dir / "metrics.jsonl") as cpu:
             run_logged(cmd, run_dir / "launcher.log", f"part C (max_staleness={k}, shm_busy_loop_s={busy}, repeat {rep})")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -357,14 +360,14 @@ def main() -> None:
     work = a.work
     if work.exists():
         shutil.rmtree(work)  # a previous bench's runs: metrics.jsonl would be appended to
-    model = write_tiny_model(work / "model", TinyModelSpec())
-    train, _ = make_arithmetic_splits(work / "data", 512, 16)
+    if a.warm:  # part C on the demo's own model and prompts
+        model, train = a.warm / "sft_model", a.warm / "data" / "train.jsonl"
+    else:
+        model = write_tiny_model(work / "model", TinyModelSpec())
+        train, _ = make_arithmetic_splits(work / "data", 512, 16)
     if a.overlap:
-        if a.warm:
-            model, train = a.warm / "sft_model", a.warm / "data" / "train.jsonl"
-            what = f"the demo recipe from the warm start in {a.warm} (its prompts per step)"
-        else:
-            what = "tiny random model, 32 prompts per step"
+        what = (f"the demo recipe from the warm start in {a.warm} (its prompts per step)" if a.warm
+                else "tiny random model, 32 prompts per step")
         c = part_c(model, train, a.nproc, a.steps, work, busy_loops=tuple(a.busy), repeats=a.repeats,
                    recipe_batch=a.warm is not None)
         print_part_c(c, a.steps, a.nproc, what)
