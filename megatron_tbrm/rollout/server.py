@@ -113,8 +113,8 @@ class VLLMServer:
     Use as a context manager, or call start()/wait_healthy()/stop(). port=0/None picks a
     free port, picked again (at most PORT_RETRIES times) if another process takes it before
     vLLM binds it; an explicit port never changes. `kv_cache_bytes` maps to
-    --kv-cache-memory-bytes (needed on CPU, where there is no GPU memory to size the cache from). `extra_args` go to the vLLM CLI verbatim
-    (list) or as {"flag": value} (dict). `shm_busy_loop_s` (CPU only; None: vLLM's 1 s) caps
+    --kv-cache-memory-bytes (needed on CPU, where there is no GPU memory to size the cache
+    from). `extra_args` go to the vLLM CLI verbatim (list) or as {"flag": value} (dict). `shm_busy_loop_s` (CPU only; None: vLLM's 1 s) caps
     how long vLLM's message-queue readers spin after each read (rollout/vllm_cpu_patches.py);
     it needs this package installed (pip install), which registers the vLLM plugin.
     """
