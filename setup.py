@@ -10,6 +10,7 @@ CORE = [
     "numpy>=1.26",
     "tqdm>=4.66",
     "requests>=2.31",
+    "httpx>=0.27",  # the rollout client (asyncio)
     "psutil>=6.0",  # Process.net_connections (rollout/server.py); megatron-core imports it undeclared
 ]
 

@@ -4,10 +4,10 @@ One vLLM CPU server on a demo folder's warm start, set up as recipes/tiny_cpu.ya
 64-prompt batches from its training set, templated and sampled as the trainer does (the
 recipe's temperature, max_tokens, end-of-turn stop), each followed by an idle gap (the
 trainer's update). Per batch: wall seconds, how long after the batch began its last request
-left the client (RolloutClient's threads: the server's HTTP handling cannot delay that, its
+left the client (RolloutClient's sender: the server's HTTP handling cannot delay that, its
 CPU load can), and the slowest request's own latency (sent -> answered).
 
-    python bench/rollout_client.py [--demo runs/demo] [--batches 60] [--gap 0.4]
+    python bench/rollout_client.py [--demo runs/demo] [--batches 60] [--gap 0.4] [--nice N]
 
 docs/throughput.md, "The rollout time's tail".
 """
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=60, help="batches after the warm-up batch")
     ap.add_argument("--gap", type=float, default=0.4, help="idle seconds after each batch")
     ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--nice", type=int, default=0, help="renice the server's processes by this much once healthy")
     a = ap.parse_args()
     model, data = a.demo / "sft_model", a.demo / "data" / "train.jsonl"
     for p in (model / "config.json", data):
@@ -55,15 +56,21 @@ def main() -> None:
                         work_dir=tempfile.mkdtemp(prefix="bench-rollout-client-"), shm_busy_loop_s=r.shm_busy_loop_s)
     server.start()
     server.wait_healthy(timeout=r.startup_timeout_s)
+    if a.nice:
+        import psutil
+        import os
+        for p in [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]:
+            for t in p.threads():  # Linux: a nice value is per thread
+                os.setpriority(os.PRIO_PROCESS, t.id, os.getpriority(os.PRIO_PROCESS, t.id) + a.nice)
     client = RolloutClient.for_server(server, max_concurrency=a.prompts)
     sent: list[float] = []
     latency: list[float] = []
     post = client._post
 
-    def timed_post(path, body):  # when each request leaves the client, and its own latency
+    async def timed_post(http, path, body):  # when each request leaves the client, and its own latency
         t = time.perf_counter()
         sent.append(t)
-        out = post(path, body)
+        out = await post(http, path, body)
         latency.append(time.perf_counter() - t)
         return out
 

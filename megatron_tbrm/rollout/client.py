@@ -10,17 +10,22 @@ With several engines (servers holding the same weights) each request goes to the
 the fewest requests in flight from this client (least outstanding requests): a slow or busy
 engine keeps its requests longer and so gets fewer, where round-robin would queue as many on
 it as on the others. Samples do not depend on the engine: a request's seed fixes them.
+
+All requests of a call are sent from one thread (asyncio, httpx), not one thread per request:
+on a busy CPU the threads' hand-offs delayed the last requests of a batch by seconds whenever
+the engine was already generating for the first ones (docs/throughput.md, "The rollout time's
+tail").
 """
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
-import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
-import requests
+import httpx
 from tqdm.auto import tqdm
 
 from megatron_tbrm.log import on_terminal
@@ -57,9 +62,8 @@ class RolloutClient:
     """Bounded-concurrency client for one or several vLLM engines (`servers`, the same model
     and weights on each).
 
-    `max_concurrency` requests are in flight per engine (the pool holds max_concurrency x
-    engines threads); each goes to the engine with the fewest in flight (ties: the one sent
-    the fewest so far). `timeout` bounds every request (seconds to read the whole answer), so a
+    At most `max_concurrency` x engines requests are in flight; each goes to the engine with the
+    fewest in flight (ties: the one sent the fewest so far). `timeout` bounds every request (seconds to read the whole answer), so a
     hung server surfaces as an error. Transient failures are retried `retries` times with
     exponential backoff, each try routed anew; if the engine's process is dead, the request
     fails at once with that server's log tail (RolloutServerError.server names it).
@@ -80,8 +84,7 @@ class RolloutClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff_s = backoff_s
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # in_flight is read from other threads (tests, logs)
 
     @classmethod
     def for_server(cls, server: "VLLMServer", **kwargs: Any) -> "RolloutClient":
@@ -139,8 +142,8 @@ class RolloutClient:
                 b["seed"] = seed + i * n
             return b | (extra or {})
 
-        def one(i: int) -> list[Trajectory]:
-            out = self._post("/v1/completions", body(i, prompts_token_ids[i]))
+        async def one(http: httpx.AsyncClient, i: int) -> list[Trajectory]:
+            out = await self._post(http, "/v1/completions", body(i, prompts_token_ids[i]))
             trajs = []
             for c in sorted(out["choices"], key=lambda c: c["index"]):
                 logprobs = c["logprobs"]["token_logprobs"] if c.get("logprobs") else []
@@ -166,10 +169,10 @@ class RolloutClient:
 
     def score_logprobs_batch(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                              progress: bool = True) -> list[list[float]]:
-        def one(i: int) -> list[float]:
+        async def one(http: httpx.AsyncClient, i: int) -> list[float]:
             prompt, response = list(pairs[i][0]), list(pairs[i][1])
             ids = [int(t) for t in prompt + response]
-            out = self._post("/v1/completions", {
+            out = await self._post(http, "/v1/completions", {
                 "prompt": ids, "max_tokens": 1,
                 "prompt_logprobs": 0, "temperature": 1.0, "return_token_ids": True,
             })
@@ -183,41 +186,48 @@ class RolloutClient:
         /v1/models; None if it does not say. Asked once per client."""
         if not hasattr(self, "_max_model_len"):
             try:
-                r = self._session().get(f"{self.engines[0].server.url}/v1/models", timeout=10.0)
+                r = httpx.get(f"{self.engines[0].server.url}/v1/models", timeout=10.0)
                 self._max_model_len = int(r.json()["data"][0]["max_model_len"])
-            except (requests.RequestException, ValueError, KeyError, IndexError, TypeError):
+            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
                 return None  # not cached: a server still starting may answer next time
         return self._max_model_len
 
     # ------------------------------------------------------------------ plumbing
-    def _map(self, fn, count: int, desc: str, progress: bool) -> list[Any]:
-        """fn(i) for i in range(count) on a bounded pool; the first error cancels the rest."""
-        results: list[Any] = [None] * count
-        pool = ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency * len(self.engines), count)))
-        ok = False
-        try:
-            with tqdm(total=count, desc=desc, disable=not (progress and on_terminal()), leave=False) as bar:
-                futures = {pool.submit(fn, i): i for i in range(count)}
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for f in done:
-                        if f.exception() is not None:
-                            raise f.exception()
-                        results[futures[f]] = f.result()
-                        bar.update(1)
-            ok = True
-        finally:
-            # On error do not wait for requests still in flight (a hung server would hang
-            # us too); their threads end at their own timeout.
-            pool.shutdown(wait=ok, cancel_futures=not ok)
-        return results
+    def _map(self, fn: Callable[[httpx.AsyncClient, int], Awaitable[Any]], count: int, desc: str,
+             progress: bool) -> list[Any]:
+        """fn(http, i) for i in range(count), at most max_concurrency x engines at a time, all
+        from one event loop; the first error cancels the rest (a hung server cannot hang us)."""
+        limit = max(1, min(self.max_concurrency * len(self.engines), count))
 
-    def _session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:  # requests.Session is not thread-safe: one per worker thread
-            s = self._local.session = requests.Session()
-        return s
+        async def run() -> list[Any]:
+            results: list[Any] = [None] * count
+            gate = asyncio.Semaphore(limit)
+            timeout = httpx.Timeout(self.timeout, connect=10.0)
+            async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=limit)) as http:
+                async def job(i: int) -> None:
+                    async with gate:
+                        results[i] = await fn(http, i)
+                    bar.update(1)
+
+                with tqdm(total=count, desc=desc, disable=not (progress and on_terminal()), leave=False) as bar:
+                    tasks = [asyncio.ensure_future(job(i)) for i in range(count)]
+                    try:
+                        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                        for t in done:
+                            if t.exception() is not None:
+                                raise t.exception()
+                    finally:
+                        for t in tasks:
+                            t.cancel()
+                        await asyncio.gather(*tasks, return_exceptions=True)
+            return results
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(run())
+        with ThreadPoolExecutor(1) as pool:  # called from inside an event loop (e.g. a notebook)
+            return pool.submit(asyncio.run, run()).result()
 
     def _acquire(self) -> Endpoint:
         """The engine with the fewest requests in flight (ties: fewest sent, then the first)."""
@@ -231,19 +241,18 @@ class RolloutClient:
         with self._lock:
             engine.in_flight -= 1
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
         last = ""
         for attempt in range(self.retries + 1):
             engine = self._acquire()
             server = engine.server
             try:
                 try:
-                    r = self._session().post(f"{server.url}{path}", json={"model": server.model_name, **body},
-                                             timeout=(10.0, self.timeout))
-                except requests.Timeout as e:
+                    r = await http.post(f"{server.url}{path}", json={"model": server.model_name, **body})
+                except httpx.TimeoutException as e:
                     raise _Transient(f"timed out after {self.timeout:.0f} s ({e.__class__.__name__})") from e
-                except requests.ConnectionError as e:
-                    raise _Transient(f"connection failed: {e}") from e
+                except httpx.TransportError as e:
+                    raise _Transient(f"connection failed: {e.__class__.__name__}: {e}") from e
                 if r.status_code == 200:
                     return r.json()
                 if r.status_code >= 500 or r.status_code == 429:
@@ -254,7 +263,7 @@ class RolloutClient:
                 if not server.alive():
                     raise server.error(f"died during POST {path} ({last})") from None
                 if attempt < self.retries:
-                    time.sleep(self.backoff_s * 2 ** attempt * (1 + random.random()))
+                    await asyncio.sleep(self.backoff_s * 2 ** attempt * (1 + random.random()))
             finally:
                 self._release(engine)
         raise server.error(f"failed POST {path} after {self.retries + 1} attempts: {last}")
