@@ -101,6 +101,19 @@ def test_seeded_requests_over_the_token_budget_survive_and_reproduce(server):
     assert [t.response_token_ids for t in one_by_one] == [t.response_token_ids for t in together[:8]]
 
 
+def test_generate_works_inside_a_running_event_loop(client):
+    """The client runs its requests on an asyncio loop of its own; called from code that already
+    runs one (a notebook, an async service) it must not fail with "asyncio.run() cannot be called
+    from a running event loop". The same seeds give the same tokens as a plain call."""
+    import asyncio
+
+    async def inside():
+        return client.generate(PROMPTS, max_tokens=6, temperature=1.0, seed=5, progress=False)
+
+    plain = client.generate(PROMPTS, max_tokens=6, temperature=1.0, seed=5, progress=False)
+    assert [t.response_token_ids for t in asyncio.run(inside())] == [t.response_token_ids for t in plain]
+
+
 def test_each_request_gets_its_own_token_budget(client):
     """Issue 13 item 6: the room left after ONE long prompt capped every request's response
     (84 tokens instead of 200). Each request: min(max_tokens, max_model_len - its prompt)."""
