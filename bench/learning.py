@@ -101,10 +101,11 @@ def diagnose(run_dir: Path, window: int = 25, beta: float | None = None) -> str:
         w = [r for r in train if lo < r["step"] <= lo + window]
         if not w:
             continue
-        # the policy's own samples (rollout_reward_mean); reward_mean also counts trajectory-file samples
+        # the policy's own samples (rollout_reward_mean); reward_mean also counts trajectory-file
+        # and replayed samples
         reward = [r.get("rollout_reward_mean", r.get("reward_mean")) for r in w]
         succ = [(r.get("rollout_reward_mean", r.get("reward_mean")) or 0) *
-                (r.get("trajectories", 0) - r.get("trajectory_samples", 0)) for r in w]
+                (r.get("trajectories", 0) - r.get("trajectory_samples", 0) - r.get("replay_samples", 0)) for r in w]
         # delta_success = V + log-ratio(successes) - 1/beta  =>  log-ratio of successes
         lr_succ = [r["delta_success_mean"] - r["v_s1_mean"] + 1.0 / beta for r in w
                    if r.get("delta_success_mean") is not None and r.get("v_s1_mean") is not None]

@@ -50,6 +50,16 @@ class ParallelSection:
 
 
 @dataclass
+class ReplaySection:
+    # Experience replay (TBRM only; data/replay.py): the last `size` fresh rollouts (successes
+    # only, reward > 0, with successes_only) are kept and `per_step` of them are added to every
+    # step's batch once that many are held. 0: off. The residual needs no correction for them.
+    size: int = 0
+    per_step: int = 0
+    successes_only: bool = True
+
+
+@dataclass
 class DataSection:
     train_path: str = ""
     eval_path: Optional[str] = None
@@ -69,6 +79,7 @@ class DataSection:
     # come from them; 1.0: no vLLM server at all.
     trajectories: Optional[str] = None
     trajectory_fraction: float = 1.0
+    replay: ReplaySection = field(default_factory=ReplaySection)
 
 
 @dataclass
@@ -260,6 +271,11 @@ class Config:
             return total, 0
         from_files = max(1, round(self.data.trajectory_fraction * total))
         return total - from_files, from_files * self.rollout.n
+
+    def trajectories_per_step(self) -> int:
+        """Trajectories in a step's update once the replay buffer is full: train.prompts_per_step
+        x rollout.n (fresh and trajectory-file samples) plus data.replay.per_step."""
+        return self.train.prompts_per_step * self.rollout.n + self.data.replay.per_step
 
     def engines_sleep(self, cuda: bool) -> bool:
         """Whether the vLLM engines sleep during the update (rollout.sleep_mode): always, or

@@ -208,11 +208,11 @@ def make_plan(cfg, m, layout: Layout, reserve_gb: float = RESERVE_GB) -> Plan:
     wbytes = BYTES[cfg.model.dtype]
     seq = cfg.data.max_prompt_tokens + r.max_tokens
     s, b = -(-seq // cp), tr.micro_batch_size
-    n_mb = max(1, tr.prompts_per_step * r.n // (dp * b))
+    n_mb = max(1, cfg.trajectories_per_step() // (dp * b))
     if tr.max_tokens_per_microbatch:  # the budget, not a row count, sizes a micro-batch
         b = tr.max_tokens_per_microbatch / cp / s
         # at most: every trajectory at the longest, as many as fit in a micro-batch
-        n_mb = -(-tr.prompts_per_step * r.n // (dp * max(1, tr.max_tokens_per_microbatch // seq)))
+        n_mb = -(-cfg.trajectories_per_step() // (dp * max(1, tr.max_tokens_per_microbatch // seq)))
     vocab_local = m.padded_vocab_size(tp) / tp
     act = dict(s=s, b=b, h=m.hidden_size, a=m.num_attention_heads, f=m.ffn_hidden_size, tp=tp,
                sp=par.sequence_parallel, dtype_bytes=wbytes)

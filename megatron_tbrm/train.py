@@ -102,6 +102,12 @@ class Trainer:
         self.data_stats = loaded.stats
         self.sampler = self.data.sampler if self.is_main and self.data.sampler else MirroredSampler(loaded.sampler_state or None)
         self.eval_items = self.data.eval_items if self.is_main else None
+        self.replay = None  # data.replay's buffer, rank 0
+        r = self.cfg.data.replay
+        if self.is_main and r.per_step:
+            from .data.replay import ReplayBuffer
+
+            self.replay = ReplayBuffer(r.size, r.per_step, r.successes_only, seed=self.cfg.data.seed)
         # The data position of the last TRAINED batch, saved in checkpoints (rank 0's samplers
         # run ahead of it with overlapped rollouts).
         self.position = {"sampler": loaded.sampler_state, "trajectory_sampler": loaded.trajectory_sampler_state}
@@ -121,6 +127,8 @@ class Trainer:
         if self.is_main and self.data.trajectory_sampler is not None and extra.get("trajectory_sampler"):
             self.data.trajectory_sampler.load_state_dict(extra["trajectory_sampler"])
         self.algorithm.load_state_dict(extra)
+        if self.replay is not None and extra.get("replay"):
+            self.replay.load_state_dict(extra["replay"])
         log.info(f"resumed from {state['path']} at step {self.step}")
 
     def close(self) -> None:
@@ -158,10 +166,6 @@ class Trainer:
         sync = self.push_weights(self.step + 1)
         t_end = time.perf_counter()
         metrics.update(batch.metrics)
-        versions = [s.policy_version for s in batch.samples if s.policy_version >= 0]
-        if versions:  # how many updates old the data is, against the policy this step trained
-            metrics.update(staleness_mean=self.step - sum(versions) / len(versions),
-                           staleness_max=float(self.step - min(versions)))
         self.step += 1
         rollout_failures = float(self.rollout.failures) if self.rollout is not None else 0.0
         metrics.update(
@@ -193,18 +197,36 @@ class Trainer:
             batch = self.rollout.rollout(self.sampler, self.step, self.algorithm)
         else:
             batch = RolloutBatch([], {"rollout_s": 0.0, "response_tokens": 0.0}, sampler_state=self.position["sampler"])
-        if isinstance(batch, RolloutBatch) and batch.samples:
+        if not isinstance(batch, RolloutBatch):
+            return batch
+        if batch.samples:
             # The policy's own reward: `reward_mean` (from the loss) is over every trained sample,
-            # trajectory-file samples included.
+            # trajectory-file and replayed samples included.
             batch.metrics["rollout_reward_mean"] = sum(s.reward for s in batch.samples) / len(batch.samples)
+            batch.metrics.update(self._staleness(batch.samples))
+        if self.replay is not None:  # draw from earlier steps, then keep this step's
+            replayed = self.replay.draw()
+            self.replay.add(batch.samples)
+            batch.samples += replayed
+            batch.metrics.update(replay_samples=float(len(replayed)), replay_buffer=float(len(self.replay)))
+            if replayed:
+                batch.metrics.update({f"replay_{k}": v for k, v in self._staleness(replayed).items()})
         ts = self.data.trajectory_sampler
-        if isinstance(batch, RolloutBatch) and ts is not None:
+        if ts is not None:
             drawn = [dataclasses.replace(s) for s in ts.next_batch()]
             batch.samples += drawn
             batch.trajectory_sampler_state = ts.state_dict()
             batch.metrics.update(trajectory_samples=float(len(drawn)),
                                  trajectory_reward_mean=sum(s.reward for s in drawn) / len(drawn))
         return batch
+
+    def _staleness(self, samples) -> dict:
+        """How many updates older than the policy this step trains the samples' weights are."""
+        versions = [s.policy_version for s in samples if s.policy_version >= 0]
+        if not versions:
+            return {}
+        return {"staleness_mean": self.step - sum(versions) / len(versions),
+                "staleness_max": float(self.step - min(versions))}
 
     def _microbatches(self, batch):
         """This DP rank's micro-batches of the step (microbatches.py: fixed rows, or under
@@ -302,7 +324,8 @@ class Trainer:
         save_checkpoint(
             self.ckpt_dir, self.step, self.policy.chunks, self.policy.optimizer, self.policy.scheduler,
             extra={"sampler": self.position["sampler"], "trajectory_sampler": self.position["trajectory_sampler"],
-                   "step": self.step, **self.algorithm.state_dict()},
+                   "step": self.step, **self.algorithm.state_dict(),
+                   **({"replay": self.replay.state_dict()} if self.replay is not None else {})},
             hf_dir=self.cfg.model.path, keep_last=self.cfg.checkpoint.keep_last,
         )
 

@@ -49,6 +49,24 @@ def _check_layout(cfg: Config, hf: dict) -> None:
         raise ConfigError(f"config key '{key}': {e} (model {cfg.model.path})") from None
 
 
+def _check_replay(cfg: Config) -> None:
+    r = cfg.data.replay
+    if r.size < 0 or r.per_step < 0:
+        raise ConfigError(f"config keys 'data.replay.size' / 'data.replay.per_step': got {r.size} / {r.per_step}; "
+                          "must be >= 0 (0: no replay)")
+    if not (r.size or r.per_step):
+        return
+    if not 1 <= r.per_step <= r.size:
+        raise ConfigError(f"config keys 'data.replay.size' / 'data.replay.per_step': got {r.size} / {r.per_step}; "
+                          "replay needs 1 <= per_step <= size")
+    if cfg.loss.name != "tbrm":
+        raise ConfigError(f"config key 'data.replay': replayed (off-policy) trajectories are for loss.name=tbrm "
+                          f"(got {cfg.loss.name!r}: GRPO's groups and ratios need fresh rollouts)")
+    if not cfg.fresh_rollouts:
+        raise ConfigError("config key 'data.replay': the buffer holds fresh rollouts, and data.trajectory_fraction=1 "
+                          "makes none (no vLLM server)")
+
+
 def _check_token_budget(cfg: Config, seq: int, dp: int, trajectories: int) -> None:
     """train.max_tokens_per_microbatch / train.pack_sequences: a budget that holds the longest
     trajectory the rollout can make, and layouts the packed (THD) path supports."""
@@ -135,6 +153,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           "the server cannot sleep while it generates the next steps' rollouts during the update")
     if cfg.train.max_staleness < 0:
         raise ConfigError(f"config key 'train.max_staleness': got {cfg.train.max_staleness}; must be >= 0")
+    _check_replay(cfg)
     if cfg.data.trajectories is not None:
         if not 0.0 < cfg.data.trajectory_fraction <= 1.0:
             raise ConfigError(f"config key 'data.trajectory_fraction': got {cfg.data.trajectory_fraction}; must be in (0, 1]")
@@ -226,4 +245,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(
             f"config keys 'train.prompts_per_step' x 'rollout.n' = {trajectories} trajectories must split evenly "
             f"into data-parallel size {dp} x 'train.micro_batch_size' {cfg.train.micro_batch_size}"
+        )
+    elif cfg.data.replay.per_step % (dp * cfg.train.micro_batch_size):
+        raise ConfigError(
+            f"config key 'data.replay.per_step': got {cfg.data.replay.per_step}; the replayed trajectories must "
+            f"split evenly into data-parallel size {dp} x 'train.micro_batch_size' {cfg.train.micro_batch_size} "
+            "(or set train.max_tokens_per_microbatch)"
         )

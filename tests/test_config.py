@@ -62,6 +62,15 @@ def test_good_config_validates(good):
          r"'train.pack_sequences': true with parallel.cp=2"),
         (["train.max_tokens_per_microbatch=256", "train.micro_batch_size=3"], 8, r"4 trajectories are too few for 1 "),
         (["train.max_tokens_per_microbatch=two"], 1, r"'train.max_tokens_per_microbatch': got 'two', expected an integer or null"),
+        (["data.replay.size=8", "data.replay.per_step=16"], 1, r"'data.replay.size' / 'data.replay.per_step': got 8 / 16; replay needs 1 <= per"),
+        (["data.replay.size=-1"], 1, r"'data.replay.size' / 'data.replay.per_step': got -1 / 0; must be >= 0"),
+        (["data.replay.size=8"], 1, r"got 8 / 0; replay needs 1 <= per_step <= size"),
+        (["data.replay.size=8", "data.replay.per_step=4", "loss.name=grpo", "rollout.n=4"], 1,
+         r"'data.replay': replayed \(off-policy\) trajectories are for loss.name=tbrm"),
+        (["data.replay.size=8", "data.replay.per_step=3"], 1,
+         r"'data.replay.per_step': got 3; .* data-parallel size 1 x 'train.micro_batch_size' 2"),
+        (["data.replay.size=8", "data.replay.per_step=2", "data.trajectories=/tmp"], 1,
+         r"'data.replay': the buffer holds fresh rollouts, and data.trajectory_fraction=1 makes none"),
     ],
 )
 def test_bad_config_names_key_and_value(good, overrides, world, match):

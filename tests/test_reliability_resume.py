@@ -135,6 +135,44 @@ def test_overlapped_rollouts_sigkill_then_resume_keep_the_data_position(tmp_path
     assert not (left := resumed.leftovers() + ref.leftovers()), describe(left)
 
 
+def test_replay_sigkill_then_resume_reproduces_uninterrupted(tmp_path, tiny_model_dir, data, shared, launches):
+    """data.replay (issue 15): from step 2 on, every batch holds 4 trajectories replayed from
+    earlier steps. SIGKILL after step 2, --resume: the checkpoint held the buffer and its
+    generator, so every step trains on what an uninterrupted run trains on (the same metrics),
+    and the last checkpoints hold the same buffer."""
+    args = ("train.steps=5", "checkpoint.save_every=1", "data.replay.size=12", "data.replay.per_step=4",
+            "data.replay.successes_only=false", f"rollout.server_url={shared.url}")  # (the tiny model gets no reward)
+    crash_dir = tmp_path / "crash"
+    run = Launch(crash_dir, trainer_args(crash_dir, tiny_model_dir, data, *args))
+    launches.append(run)
+    run.wait_step(2)
+    time.sleep(random.uniform(0.0, 0.5))  # into step 3 (or the step-2 save)
+    os.killpg(run.proc.pid, signal.SIGKILL)
+    assert run.wait(60) == -signal.SIGKILL
+    assert len(run.metrics()) < 5, "the run finished before the SIGKILL"
+    resumed = Launch(crash_dir, trainer_args(crash_dir, tiny_model_dir, data, *args), resume=True)
+    launches.append(resumed)
+    got = {r["step"]: r for r in resumed.check_ok()}
+    assert "resumed from" in resumed.output()
+    ref_dir = tmp_path / "ref"
+    ref = Launch(ref_dir, trainer_args(ref_dir, tiny_model_dir, data, *args))
+    launches.append(ref)
+    expected = {r["step"]: r for r in ref.check_ok()}
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
+    # 8 fresh trajectories a step; the buffer holds 8 after step 1, so steps 2.. draw 4 (none at step 1)
+    assert [expected[t]["replay_samples"] for t in range(1, 6)] == [0.0, 4.0, 4.0, 4.0, 4.0]
+    assert [expected[t]["trajectories"] for t in range(1, 6)] == [8.0, 12.0, 12.0, 12.0, 12.0]
+    assert [expected[t]["replay_buffer"] for t in range(1, 6)] == [8.0, 12.0, 12.0, 12.0, 12.0]
+    for step in (3, 4, 5):  # the steps after the resume
+        for k in COMPARE:
+            assert got[step][k] == pytest.approx(expected[step][k], rel=1e-5, abs=1e-5), (step, k)
+        assert got[step]["replay_staleness_mean"] == expected[step]["replay_staleness_mean"], step
+    last = "iter_0000005"
+    want, have = (json.loads((d / "checkpoints" / last / "extra.json").read_text())["replay"] for d in (ref_dir, crash_dir))
+    assert have == want and len(want["samples"]) == 12
+    assert not (left := resumed.leftovers() + ref.leftovers()), describe(left)
+
+
 # ----------------------------------------------------------------------------- 5. numerics
 
 

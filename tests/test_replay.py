@@ -1,0 +1,64 @@
+"""data.replay's buffer (megatron_tbrm/data/replay.py), against what its contract says by hand:
+which trajectories it keeps, when and what it draws, and that a checkpointed buffer draws what
+the uninterrupted one would have. (The trainer with replay, killed and resumed:
+test_reliability_resume.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_tbrm.data.replay import ReplayBuffer
+from megatron_tbrm.rollout.batch import Sample
+
+
+def _sample(i: int, reward: float) -> Sample:
+    return Sample.from_ids([1, 2, 3], [10 + i, 11 + i], [-0.5, -0.25], reward, prompt_index=i, pad_id=0, version=i)
+
+
+def test_keeps_the_last_size_successes_and_draws_none_until_per_step_are_held():
+    buf = ReplayBuffer(size=3, per_step=2)
+    buf.add([_sample(0, 1.0), _sample(1, 0.0)])
+    assert len(buf) == 1 and buf.draw() == []  # the failure is not kept; one success < per_step
+    buf.add([_sample(2, 1.0), _sample(3, 1.0), _sample(4, 1.0)])
+    assert [s.prompt_index for s in buf.samples] == [2, 3, 4]  # the oldest (0) fell out
+    drawn = buf.draw()
+    assert len(drawn) == 2 and len({s.prompt_index for s in drawn}) == 2
+    assert {s.prompt_index for s in drawn} <= {2, 3, 4}
+
+
+def test_successes_only_false_keeps_failures_too():
+    buf = ReplayBuffer(size=4, per_step=1, successes_only=False)
+    buf.add([_sample(0, 0.0), _sample(1, 1.0)])
+    assert [s.reward for s in buf.samples] == [0.0, 1.0]
+
+
+def test_draws_are_copies():
+    buf = ReplayBuffer(size=2, per_step=1)
+    buf.add([_sample(0, 1.0)])
+    drawn = buf.draw()[0]
+    drawn.advantage = 5.0  # per-step fields set on a drawn sample stay off the held one
+    assert buf.samples[0].advantage == 0.0 and buf.samples[0] is not drawn
+
+
+def test_state_dict_through_json_draws_what_the_uninterrupted_buffer_draws():
+    a = ReplayBuffer(size=8, per_step=3, seed=5)
+    for step in range(4):
+        a.add([_sample(step * 4 + k, float(k % 2)) for k in range(4)])
+        a.draw()
+    b = ReplayBuffer(size=8, per_step=3, seed=0)  # another seed: only the loaded state decides
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [s.prompt_index for s in b.samples] == [s.prompt_index for s in a.samples]
+    for step in range(3):
+        new = [_sample(100 + step, 1.0)]
+        a.add(new)
+        b.add(new)
+        assert [s.prompt_index for s in a.draw()] == [s.prompt_index for s in b.draw()]
+    assert b.samples[0] == a.samples[0]  # every field came back (tokens, log-probs, versions)
+
+
+@pytest.mark.parametrize("size,per_step", [(0, 1), (4, 0), (2, 3)])
+def test_bad_sizes_are_refused(size, per_step):
+    with pytest.raises(ValueError, match=f"size={size}, per_step={per_step}"):
+        ReplayBuffer(size, per_step)
