@@ -230,7 +230,7 @@ def part_b(model_dir: Path, data: Path, nproc: int, steps: int, work: Path) -> d
     for name, over in (("tbrm_n1", ["loss.name=tbrm", "rollout.n=1"]),
                        ("grpo_n4", ["loss.name=grpo", "rollout.n=4"])):
         run_dir = work / name
-        cmd = train_command(nproc, model_dir, data, run_dir, steps, "model.value_offset=false",
+        cmd = train_command(nproc, model_dir, data, run_dir, steps, "model.value_offset=false", "data.replay.per_step=0",
                             "train.prompts_per_step=32", "train.micro_batch_size=8", *over)
         run_logged(cmd, run_dir / "launcher.log", f"part B ({name})")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

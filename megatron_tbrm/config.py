@@ -53,7 +53,7 @@ class ParallelSection:
 class ReplaySection:
     # Experience replay (TBRM only; data/replay.py): the last `size` fresh rollouts (successes
     # only, reward > 0, with successes_only) are kept and `per_step` of them are added to every
-    # step's batch once that many are held. 0: off. The residual needs no correction for them.
+    # step's batch once that many are held. per_step 0: off. The residual needs no correction.
     size: int = 0
     per_step: int = 0
     successes_only: bool = True

@@ -53,18 +53,19 @@ def _check_replay(cfg: Config) -> None:
     r = cfg.data.replay
     if r.size < 0 or r.per_step < 0:
         raise ConfigError(f"config keys 'data.replay.size' / 'data.replay.per_step': got {r.size} / {r.per_step}; "
-                          "must be >= 0 (0: no replay)")
-    if not (r.size or r.per_step):
+                          "must be >= 0 (per_step 0: no replay)")
+    if not r.per_step:
         return
-    if not 1 <= r.per_step <= r.size:
+    if r.per_step > r.size:
         raise ConfigError(f"config keys 'data.replay.size' / 'data.replay.per_step': got {r.size} / {r.per_step}; "
-                          "replay needs 1 <= per_step <= size")
+                          "replay needs per_step <= size")
     if cfg.loss.name != "tbrm":
         raise ConfigError(f"config key 'data.replay': replayed (off-policy) trajectories are for loss.name=tbrm "
-                          f"(got {cfg.loss.name!r}: GRPO's groups and ratios need fresh rollouts)")
+                          f"(got {cfg.loss.name!r}: GRPO's groups and ratios need fresh rollouts); "
+                          "data.replay.per_step=0 turns replay off")
     if not cfg.fresh_rollouts:
         raise ConfigError("config key 'data.replay': the buffer holds fresh rollouts, and data.trajectory_fraction=1 "
-                          "makes none (no vLLM server)")
+                          "makes none (no vLLM server); data.replay.per_step=0 turns replay off")
 
 
 def _check_token_budget(cfg: Config, seq: int, dp: int, trajectories: int) -> None:

@@ -204,6 +204,7 @@ def trainer_args(run_dir: Path, model: Path, data, *overrides: str) -> list[str]
     return [f"model.path={model}", f"data.train_path={train_path}", f"eval.path={test_path}", f"run.dir={run_dir}",
             "rollout.max_tokens=16", "train.prompts_per_step=8", "train.micro_batch_size=2", "eval.every=0",
             "run.progress=false", "run.tensorboard=false", "model.value_offset=false", "loss.beta=0.5",
+            "data.replay.per_step=0",  # the demo's replay off: these runs test other things
             f"rollout.startup_timeout_s={SLOW}", *overrides]
 
 

@@ -20,7 +20,7 @@ def run_trainer(run_dir: Path, model: Path, data: Optional[tuple], *overrides: s
     cmd = [*torchrun_command(nproc), "-m", "megatron_tbrm.train", "--config", str(REPO / "recipes/tiny_cpu.yaml"),
            f"model.path={model}", f"run.dir={run_dir}", "rollout.max_tokens=24", "train.prompts_per_step=8",
            "train.micro_batch_size=2", "eval.every=0", "run.progress=false", "model.value_offset=false",
-           "loss.beta=0.5"]
+           "loss.beta=0.5", "data.replay.per_step=0"]  # the demo's replay off: these runs test other things
     if data is not None:
         cmd += [f"data.train_path={data[0]}", f"eval.path={data[1]}"]
     else:

@@ -28,7 +28,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def test_every_recipe_has_a_reference():
     assert sorted(p.stem for p in RESOLVED.glob("*.json")) == [r.stem for r in RECIPES]
-    assert len(RECIPES) == 7
+    assert len(RECIPES) == 8
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
