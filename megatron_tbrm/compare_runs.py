@@ -1,10 +1,13 @@
 """Compare training runs side by side: one markdown table and one PNG plot.
 
-    megatron-tbrm-compare-runs RUN_DIR RUN_DIR ... [--out compare.png] [--metric reward_mean]
+    megatron-tbrm-compare-runs RUN_DIR RUN_DIR ... [--out compare.png] [--metric rollout_reward_mean]
         [--eval-metric eval_accuracy] [--last 5]
 
 Each RUN_DIR holds metrics.jsonl: one JSON object per logged step with at least `step`,
-`wall_time` (seconds since the run started) and the metric (default `reward_mean`), and
+`wall_time` (seconds since the run started) and the metric (default `rollout_reward_mean`, the
+reward of the policy's own rollouts; a record without it, from runs before it was logged or
+trained on trajectory files only, gives its `reward_mean`, the reward of every trained sample,
+which replayed successes raise), and
 optionally the eval metric (default `eval_accuracy`, present on the steps that evaluated).
 A step logged twice (a resumed run re-logging it) keeps its last record; a truncated last
 line (a run still writing) is ignored.
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 METRICS_FILE = "metrics.jsonl"
+DEFAULT_METRIC = "rollout_reward_mean"
+FALLBACK = {"rollout_reward_mean": "reward_mean"}  # the key a record without the metric gives
 _SEED_SUFFIX = re.compile(r"_s(\d+)$")
 
 
@@ -39,10 +44,10 @@ class Run:
     records: list[dict] = field(default_factory=list)  # sorted by step, one per step
 
     def series(self, key: str) -> tuple[list[float], list[float], list[float]]:
-        """(steps, wall times, values) of the records that have a finite `key`."""
+        """(steps, wall times, values) of the records that have a finite `key` (or its FALLBACK)."""
         steps, walls, values = [], [], []
         for r in self.records:
-            v = r.get(key)
+            v = r.get(key, r.get(FALLBACK.get(key, "")))
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 steps.append(float(r["step"]))
                 walls.append(float(r.get("wall_time", math.nan)))
@@ -92,7 +97,7 @@ def _stats(values: list[float], last: int) -> dict:
     return {"final": values[-1], "best": max(values), "last_mean": sum(tail) / len(tail)}
 
 
-def summarize(run: Run, metric: str = "reward_mean", eval_metric: str = "eval_accuracy", last: int = 5) -> dict:
+def summarize(run: Run, metric: str = DEFAULT_METRIC, eval_metric: str = "eval_accuracy", last: int = 5) -> dict:
     """The numbers of one table row."""
     steps = [float(r["step"]) for r in run.records]
     walls = [float(r["wall_time"]) for r in run.records if isinstance(r.get("wall_time"), (int, float))]
@@ -126,7 +131,7 @@ def format_duration(seconds: Optional[float]) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
-def format_table(rows: Sequence[dict], metric: str = "reward_mean", eval_metric: str = "eval_accuracy",
+def format_table(rows: Sequence[dict], metric: str = DEFAULT_METRIC, eval_metric: str = "eval_accuracy",
                  last: int = 5) -> str:
     head = ["run", "steps",
             f"{metric} final", f"{metric} best", f"{metric} last-{last} mean",
@@ -144,7 +149,7 @@ def format_table(rows: Sequence[dict], metric: str = "reward_mean", eval_metric:
     return "\n".join(lines)
 
 
-def plot(runs: Sequence[Run], out: str | Path, metric: str = "reward_mean",
+def plot(runs: Sequence[Run], out: str | Path, metric: str = DEFAULT_METRIC,
          eval_metric: str = "eval_accuracy") -> Path:
     """One PNG: rows = metric (and eval metric when any run has it), columns = against step
     and against wall time."""
@@ -227,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="compare.png", help="PNG to write")
-    p.add_argument("--metric", default="reward_mean")
+    p.add_argument("--metric", default=DEFAULT_METRIC)
     p.add_argument("--eval-metric", default="eval_accuracy")
     p.add_argument("--last", type=int, default=5, help="N of the last-N mean")
     args = p.parse_args(argv)
@@ -236,7 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     runs = load_runs(args.runs)
     for run in runs:
         if not run.series(args.metric)[2]:
-            raise ValueError(f"{run.path / METRICS_FILE}: no numeric {args.metric!r} in any record")
+            also = f" (or {FALLBACK[args.metric]!r})" if args.metric in FALLBACK else ""
+            raise ValueError(f"{run.path / METRICS_FILE}: no numeric {args.metric!r}{also} in any record")
     table = format_table([summarize(r, args.metric, args.eval_metric, args.last) for r in runs],
                          args.metric, args.eval_metric, args.last)
     print(table)

@@ -51,7 +51,9 @@ def test_table_values_and_png(two_runs, tmp_path):
     out = tmp_path / "plots" / "compare.png"
     table = compare_runs.main([str(p) for p in two_runs] + ["--out", str(out)])
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
-    assert header == ["run", "steps", "reward_mean final", "reward_mean best", "reward_mean last-5 mean",
+    # (the records have reward_mean only, which stands in for the default rollout_reward_mean)
+    assert header == ["run", "steps", "rollout_reward_mean final", "rollout_reward_mean best",
+                      "rollout_reward_mean last-5 mean",
                       "eval_accuracy final", "eval_accuracy best", "eval_accuracy last-5 mean",
                       "wall time", "time/step"]
     # tbrm: final 1.0, best 1.0, last 5 = mean(0.6..1.0) = 0.8; eval final .5 best .5 mean .4;
@@ -144,8 +146,16 @@ def test_cli_and_errors(two_runs, tmp_path):
     assert r.returncode != 0 and "nothing/metrics.jsonl does not exist" in r.stderr
 
     bad = write_run(tmp_path / "bad", [{"step": 1, "wall_time": 1.0, "loss": 3.0}])
-    with pytest.raises(ValueError, match="no numeric 'reward_mean'"):
+    with pytest.raises(ValueError, match="no numeric 'rollout_reward_mean' \\(or 'reward_mean'\\)"):
         compare_runs.main([str(bad), "--out", str(tmp_path / "x.png")])
+
+
+def test_the_policys_own_reward_is_plotted_when_replay_raises_the_trained_reward(tmp_path):
+    """With data.replay, reward_mean counts the replayed successes; rollout_reward_mean is the
+    policy's own rollouts, what the table and the plot show by default."""
+    rows = [{"step": s, "wall_time": float(s), "reward_mean": 0.5, "rollout_reward_mean": 0.05 * s} for s in (1, 2)]
+    table = compare_runs.main([str(write_run(tmp_path / "tbrm_n1", rows)), "--out", str(tmp_path / "r.png")])
+    assert _row(table, "tbrm_n1")[2:5] == ["0.1", "0.1", "0.075"]
 
 
 def test_same_folder_names_get_their_parent():

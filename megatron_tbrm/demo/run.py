@@ -56,7 +56,9 @@ def summarize(run_dir: Path, out: Path, t0: float, warm_start: dict | None = Non
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     evals = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
     steps = max(r["step"] for r in rows)
-    rewards = [(r["step"], r["reward_mean"]) for r in rows if r.get("reward_mean") is not None]
+    # the policy's own rollouts (replayed successes raise reward_mean, the trained samples' reward)
+    rewards = [(r["step"], r.get("rollout_reward_mean", r.get("reward_mean"))) for r in rows
+               if r.get("rollout_reward_mean", r.get("reward_mean")) is not None]
     last = [a for _, a in evals[-3:]]
     summary = {
         "accuracy_before": evals[0][1],
