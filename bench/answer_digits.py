@@ -6,8 +6,9 @@
 Teacher-forced on the worked solutions ("47 + 15 = 62. The answer is \\boxed{62}.") of the RL
 training set (DEMO/data/train.jsonl), with transformers in fp32: for each digit of the sum after
 " = ", split by the number of digits of the sum, the mean probability of the right digit and how
-often it is the argmax (what greedy decoding picks). One forward pass per 128 problems; prints
-a markdown table.
+often it is the argmax (what greedy decoding picks); and per problem the probability that a
+sample at temperature 1 is the whole worked solution (its mean and percentiles: are some
+problems easy?). One forward pass per 128 problems; prints a markdown table.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def main() -> None:
     rows = build_examples(data, model_dir)[: a.problems]
     answers = [json.loads(line)["answer"] for line in data.read_text().splitlines()][: a.problems]
     stats: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    whole: list[float] = []  # per problem: the probability that a T = 1 sample is the solution
     with torch.no_grad():
         for i in range(0, len(rows), 128):
             batch = rows[i:i + 128]
@@ -46,6 +48,7 @@ def main() -> None:
             probs = torch.softmax(model(input_ids=x).logits.float(), -1)
             for j, r in enumerate(batch):
                 response = [k for k, m in enumerate(r["loss_mask"]) if m]
+                whole.append(float(torch.stack([probs[j, k, r["labels"][k]] for k in response]).log().sum().exp()))
                 text = [tok.decode([r["labels"][k]]) for k in response]
                 kind = f"{len(answers[i + j])}-digit sums"
                 eq = text.index(" =")
@@ -60,6 +63,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for (kind, offset), (p, top, n) in sorted(stats.items()):
         print(f"| {kind} | {offset - 1} | {p / n:.3f} | {top / n:.3f} | {n} |")
+    whole.sort()
+    print("per problem, P(a T = 1 sample is the worked solution): mean {:.3f}; percentiles 10/50/90/99: {}".format(
+        sum(whole) / len(whole), " / ".join(f"{whole[int(q * (len(whole) - 1))]:.3f}" for q in (0.1, 0.5, 0.9, 0.99))))
 
 
 if __name__ == "__main__":
