@@ -7,10 +7,9 @@ B. Wall time of a full TBRM n=1 step vs a GRPO n=4 step on the same prompts (rol
    the real vLLM server, reward, reference forward, update, weight sync). The paper reports 3.1x
    on 7B; here rollouts of a tiny model are cheap, so the ratio says how this stack splits time.
 C. (--overlap) Wall time per step of TBRM n=1 with train.max_staleness k = 0, 1, 2 (rollouts of
-   the next k steps generated while the update runs), same prompts, next to the bounds the
+   the next k steps generated while the update runs), same prompts, next to the bound the
    step's parts allow: k=0's (step - min(rollout, update+sync)) / step, the bound when the
-   rollout and the update run on separate devices, and k=0's busy share of this machine's cores,
-   the bound when they share them (the same CPU work spread over all cores, nothing idle). `--warm DIR` runs the demo recipe (64
+   rollout and the update run on separate devices. `--warm DIR` runs the demo recipe (64
    prompts) from a demo folder's warm start; without it, a tiny random model at 32 prompts.
    Every setting runs `--repeats` (even) times in ABBA order (0, 1, 2, 2, 1, 0); `--busy null
    0.05` adds vLLM's own 1 s reader busy loop next to the default 0.05 s
@@ -307,10 +306,6 @@ def print_part_c(c: dict, steps: int, nproc: int, what: str) -> None:
         # perfect overlap hides the shorter of rollout and update+sync, nothing else of the step
         print(f"   busy={busy}: {ratios}; bound from k=0's parts (separate devices): (step - min(rollout, update+sync)) "
               f"/ step = {(p0 - min(r, u)) / p0:.2f}x (rest of the step, neither part: {p0 - r - u:.2f} s)")
-        # On one machine the overlapped parts share its cores: the CPU work k=0 does per step
-        # cannot take less than that work over all cores, i.e. k=0's busy share of the machine.
-        print(f"   busy={busy}: bound from k=0's CPU use (rollout and update on these {os.cpu_count()} cores): "
-              f"k=0's busy share of all cores = {mean(k0, 'cpu_busy'):.2f}x")
     print("   goal (issue 18): k=1 <= 0.70x of k=0")
 
 
