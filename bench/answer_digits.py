@@ -13,7 +13,6 @@ problems easy?). One forward pass per 128 problems; prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -31,13 +30,14 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_tbrm.data import PromptDataset
     from megatron_tbrm.demo.sft import build_examples
 
     model_dir, data = Path(a.demo) / "sft_model", Path(a.demo) / "data" / "train.jsonl"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = build_examples(data, model_dir)[: a.problems]
-    answers = [json.loads(line)["answer"] for line in data.read_text().splitlines()][: a.problems]
+    answers = [item.answer for item in PromptDataset(data, model_dir)][: a.problems]  # the rows' own order
     stats: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     whole: list[float] = []  # per problem: the probability that a T = 1 sample is the solution
     with torch.no_grad():

@@ -39,14 +39,15 @@ from megatron_tbrm.ports import torchrun_command  # noqa: E402
 
 GOAL = 0.15
 
-# The side-by-side (item 3): the same number of samples per step (64) for all three. The TBRM
-# methods take the recipe's data.replay (since 2026-12-06; the runs of docs/learning.md before
-# section 2g had none: add data.replay.per_step=0 to reproduce them); GRPO has none.
+# The side-by-side (item 3): the same number of fresh samples per step (64) for all three, none
+# replayed (data.replay.per_step=0: as every run of docs/learning.md before section 2g, when the
+# recipe had no replay); "_replay" methods keep the recipe's replay of successes (64 more a step).
+NO_REPLAY = "data.replay.per_step=0"
 METHODS = {
-    "tbrm_n1": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64"],
-    "tbrm_n1_no_replay": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", "data.replay.per_step=0"],
-    "grpo_n4": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", "data.replay.per_step=0"],
-    "tbrm_n4": ["loss.name=tbrm", "rollout.n=4", "train.prompts_per_step=16"],
+    "tbrm_n1": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", NO_REPLAY],
+    "tbrm_n1_replay": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64"],
+    "grpo_n4": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", NO_REPLAY],
+    "tbrm_n4": ["loss.name=tbrm", "rollout.n=4", "train.prompts_per_step=16", NO_REPLAY],
     # Staleness (issue 18 item 4): rollouts for the next k steps overlap the update. TBRM uses
     # no correction; GRPO's ratio is taken against the sampler's log-probs (its off-policy
     # correction) or, as "recompute", against the policy before the update (none: the setting
@@ -54,14 +55,13 @@ METHODS = {
     # (it collapsed at 3e-4, the recipe's lr then: docs/learning.md section 4).
     # GRPO's synchronous reference for the staleness runs, at their lr.
     "grpo_n4_lr1e-4": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", "optim.lr=1.0e-4",
-                       "data.replay.per_step=0"],
-    "tbrm_n1_k1": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", "train.max_staleness=1"],
-    "tbrm_n1_k2": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", "train.max_staleness=2"],
-    "grpo_n4_k1": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", "train.max_staleness=1", "data.replay.per_step=0",
+                       NO_REPLAY],
+    "tbrm_n1_k1": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", "train.max_staleness=1", NO_REPLAY],
+    "tbrm_n1_k2": ["loss.name=tbrm", "rollout.n=1", "train.prompts_per_step=64", "train.max_staleness=2", NO_REPLAY],
+    "grpo_n4_k1": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", "train.max_staleness=1", NO_REPLAY,
                    "loss.old_logprobs=rollout", "optim.lr=1.0e-4"],
     "grpo_n4_k1_recompute": ["loss.name=grpo", "rollout.n=4", "train.prompts_per_step=16", "train.max_staleness=1",
-                             "data.replay.per_step=0",
-                             "loss.old_logprobs=recompute", "optim.lr=1.0e-4"],
+                             NO_REPLAY, "loss.old_logprobs=recompute", "optim.lr=1.0e-4"],
 }
 # The side-by-side of issue 15 item 3; `--methods` picks others (e.g. the staleness ones).
 DEFAULT_METHODS = ["tbrm_n1", "grpo_n4", "tbrm_n4"]
@@ -92,7 +92,9 @@ def _mean(xs):
 
 
 def diagnose(run_dir: Path, window: int = 25, beta: float | None = None) -> str:
-    """One line per window of steps: the quantities that say why TBRM moves or not."""
+    """One line per window of steps: the quantities that say why TBRM moves or not. Reward and
+    successes per step are the fresh rollouts'; with data.replay the residuals, V(s_1) and
+    log-ratios are over the trained batch, replayed successes included."""
     rows = _rows(run_dir)
     if beta is None:
         cfg = json.loads((run_dir / "config.json").read_text())

@@ -258,8 +258,9 @@ def part_c(model_dir: Path, data: Path, nproc: int, steps: int, work: Path, ks=(
     res: dict = {}
     for rep, busy, k in order:
         run_dir = work / f"staleness_{k}_busy_{busy}_rep{rep}"
+        # no replay: a replayed batch's size follows the success count (and the earlier runs had none)
         cmd = train_command(nproc, model_dir, data, run_dir, steps, *batch, f"train.max_staleness={k}",
-                            f"rollout.shm_busy_loop_s={busy}")
+                            f"rollout.shm_busy_loop_s={busy}", "data.replay.per_step=0")
         with CpuSampler(run_dir / "metrics.jsonl") as cpu:
             run_logged(cmd, run_dir / "launcher.log", f"part C (max_staleness={k}, shm_busy_loop_s={busy}, repeat {rep})")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -131,10 +131,13 @@ def save_checkpoint(
     extra: Optional[dict[str, Any]] = None,
     hf_dir: Optional[str | Path] = None,
     keep_last: Optional[int] = None,
+    rank0_files: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Save on all ranks (collective). `extra` is common (rank-0) JSON-able state, e.g. the data
-    position; `hf_dir` is the source model folder whose config/tokenizer files are copied;
-    `keep_last=K` then deletes all but the newest K complete checkpoints (None: keep all)."""
+    position; `rank0_files` {name: object} is state only rank 0 holds (e.g. the replay buffer),
+    written by rank 0 as NAME.pt with torch.save (read back with `load_rank0_file`); `hf_dir` is
+    the source model folder whose config/tokenizer files are copied; `keep_last=K` then deletes
+    all but the newest K complete checkpoints (None: keep all)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -157,6 +160,8 @@ def save_checkpoint(
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
         (tmp / "extra.json").write_text(json.dumps(extra or {}, indent=1))
+        for name, obj in (rank0_files or {}).items():
+            torch.save(obj, tmp / f"{name}.pt")
         if hf_dir is not None:
             copy_hf_metadata(hf_dir, tmp)
     dist.barrier()
@@ -176,6 +181,13 @@ def save_checkpoint(
             prune_checkpoints(root, keep_last)
     dist.barrier()
     return final
+
+
+def load_rank0_file(path: str | Path, name: str) -> Optional[Any]:
+    """The object `save_checkpoint(rank0_files={name: ...})` wrote into the checkpoint
+    directory `path` (an iter_N dir), or None when it holds none."""
+    f = Path(path) / f"{name}.pt"
+    return torch.load(f, weights_only=False) if f.is_file() else None
 
 
 def copy_hf_metadata(hf_dir: str | Path, dest: str | Path) -> None:

@@ -103,6 +103,7 @@ class Trainer:
         self.sampler = self.data.sampler if self.is_main and self.data.sampler else MirroredSampler(loaded.sampler_state or None)
         self.eval_items = self.data.eval_items if self.is_main else None
         self.replay = None  # data.replay's buffer, rank 0
+        self.replay_pending: list = []  # rank 0: this step's fresh samples, kept once its update went through
         r = self.cfg.data.replay
         if self.is_main and r.per_step:
             from .data.replay import ReplayBuffer
@@ -127,9 +128,24 @@ class Trainer:
         if self.is_main and self.data.trajectory_sampler is not None and extra.get("trajectory_sampler"):
             self.data.trajectory_sampler.load_state_dict(extra["trajectory_sampler"])
         self.algorithm.load_state_dict(extra)
-        if self.replay is not None and extra.get("replay"):
-            self.replay.load_state_dict(extra["replay"])
+        if self.is_main:
+            self._resume_replay(state["path"])
         log.info(f"resumed from {state['path']} at step {self.step}")
+
+    def _resume_replay(self, path: str) -> None:
+        """Rank 0: the replay buffer and its generator from the checkpoint; a checkpoint saved
+        with replay off, or replay off now, is said (the run goes on)."""
+        from .checkpoint import load_rank0_file
+
+        saved = load_rank0_file(path, "replay")
+        if self.replay is not None and saved is not None:
+            self.replay.load_state_dict(saved)
+        elif self.replay is not None:
+            log.warning(f"data.replay is on but {path} holds no replay buffer (saved with replay off): "
+                        "the buffer starts empty")
+        elif saved is not None:
+            log.warning(f"{path} holds a replay buffer of {len(saved['samples'])} trajectories but "
+                        "data.replay.per_step=0: it is not used")
 
     def close(self) -> None:
         if self.ahead is not None:
@@ -166,6 +182,12 @@ class Trainer:
         sync = self.push_weights(self.step + 1)
         t_end = time.perf_counter()
         metrics.update(batch.metrics)
+        if "replay_samples" in batch.metrics:  # trained ones: replayed samples are last, dropped first
+            dropped = len(batch.samples) - step_mbs.trajectories
+            metrics["replay_samples"] = max(0.0, batch.metrics["replay_samples"] - dropped)
+        if self.replay is not None and metrics.get("update_ok") == 1.0:  # rank 0; updated steps only
+            self.replay.add(self.replay_pending)
+            metrics["replay_buffer"] = float(len(self.replay))
         self.step += 1
         rollout_failures = float(self.rollout.failures) if self.rollout is not None else 0.0
         metrics.update(
@@ -186,7 +208,8 @@ class Trainer:
 
     def _next_batch(self):
         """Rank 0: this step's fresh rollouts (synchronous or made ahead), plus its share of
-        trajectory-file samples (data.trajectories); or ServerRestarted."""
+        trajectory-file samples (data.trajectories) and its replayed ones (data.replay, drawn
+        from earlier steps); or ServerRestarted."""
         from .rollout.batch import RolloutBatch
 
         if self.ahead is not None:
@@ -199,18 +222,12 @@ class Trainer:
             batch = RolloutBatch([], {"rollout_s": 0.0, "response_tokens": 0.0}, sampler_state=self.position["sampler"])
         if not isinstance(batch, RolloutBatch):
             return batch
-        if batch.samples:
+        fresh = list(batch.samples)
+        if fresh:
             # The policy's own reward: `reward_mean` (from the loss) is over every trained sample,
             # trajectory-file and replayed samples included.
-            batch.metrics["rollout_reward_mean"] = sum(s.reward for s in batch.samples) / len(batch.samples)
-            batch.metrics.update(self._staleness(batch.samples))
-        if self.replay is not None:  # draw from earlier steps, then keep this step's
-            replayed = self.replay.draw()
-            self.replay.add(batch.samples)
-            batch.samples += replayed
-            batch.metrics.update(replay_samples=float(len(replayed)), replay_buffer=float(len(self.replay)))
-            if replayed:
-                batch.metrics.update({f"replay_{k}": v for k, v in self._staleness(replayed).items()})
+            batch.metrics["rollout_reward_mean"] = sum(s.reward for s in fresh) / len(fresh)
+            batch.metrics.update(self._staleness(fresh))
         ts = self.data.trajectory_sampler
         if ts is not None:
             drawn = [dataclasses.replace(s) for s in ts.next_batch()]
@@ -218,9 +235,25 @@ class Trainer:
             batch.trajectory_sampler_state = ts.state_dict()
             batch.metrics.update(trajectory_samples=float(len(drawn)),
                                  trajectory_reward_mean=sum(s.reward for s in drawn) / len(drawn))
+        if self.replay is not None:  # from earlier steps; this step's join after its update
+            # more than per_step where that fills the last micro-batch (an empty response dropped)
+            replayed = self.replay.draw(extra=(-(len(batch.samples) + self.replay.per_step)) % self._row_unit())
+            batch.samples += replayed
+            batch.metrics["replay_samples"] = float(len(replayed))
+            if replayed:
+                batch.metrics.update({f"replay_{k}": v for k, v in self._staleness(replayed).items()})
+            self.replay_pending = fresh
         return batch
 
-    def _staleness(self, samples) -> dict:
+    def _row_unit(self) -> int:
+        """Trajectories per step are trained in multiples of this (microbatches.py: fixed rows
+        drop the rest; 1 under a token budget, which keeps every trajectory)."""
+        t, par = self.cfg.train, self.cfg.parallel
+        if t.max_tokens_per_microbatch is not None:
+            return 1
+        return self.ps.dp_size * t.micro_batch_size * (par.pp if par.vpp else 1)
+
+    def _staleness(self, samples: list) -> dict:
         """How many updates older than the policy this step trains the samples' weights are."""
         versions = [s.policy_version for s in samples if s.policy_version >= 0]
         if not versions:
@@ -324,9 +357,9 @@ class Trainer:
         save_checkpoint(
             self.ckpt_dir, self.step, self.policy.chunks, self.policy.optimizer, self.policy.scheduler,
             extra={"sampler": self.position["sampler"], "trajectory_sampler": self.position["trajectory_sampler"],
-                   "step": self.step, **self.algorithm.state_dict(),
-                   **({"replay": self.replay.state_dict()} if self.replay is not None else {})},
+                   "step": self.step, **self.algorithm.state_dict()},
             hf_dir=self.cfg.model.path, keep_last=self.cfg.checkpoint.keep_last,
+            rank0_files={"replay": self.replay.state_dict()} if self.replay is not None else None,
         )
 
     # ------------------------------------------------------------------ the loop

@@ -50,6 +50,8 @@ def _check_layout(cfg: Config, hf: dict) -> None:
 
 
 def _check_replay(cfg: Config) -> None:
+    """data.replay: sizes, TBRM only, and fresh rollouts to fill the buffer (per_step 0: off).
+    The split of the replayed trajectories into micro-batches is checked with the step's."""
     r = cfg.data.replay
     if r.size < 0 or r.per_step < 0:
         raise ConfigError(f"config keys 'data.replay.size' / 'data.replay.per_step': got {r.size} / {r.per_step}; "
@@ -242,14 +244,16 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     trajectories = cfg.train.prompts_per_step * cfg.rollout.n
     if cfg.train.max_tokens_per_microbatch is not None or cfg.train.pack_sequences:
         _check_token_budget(cfg, seq, dp, trajectories)
-    elif trajectories % (dp * cfg.train.micro_batch_size):
-        raise ConfigError(
-            f"config keys 'train.prompts_per_step' x 'rollout.n' = {trajectories} trajectories must split evenly "
-            f"into data-parallel size {dp} x 'train.micro_batch_size' {cfg.train.micro_batch_size}"
-        )
-    elif cfg.data.replay.per_step % (dp * cfg.train.micro_batch_size):
-        raise ConfigError(
-            f"config key 'data.replay.per_step': got {cfg.data.replay.per_step}; the replayed trajectories must "
-            f"split evenly into data-parallel size {dp} x 'train.micro_batch_size' {cfg.train.micro_batch_size} "
-            "(or set train.max_tokens_per_microbatch)"
-        )
+    else:
+        # fixed rows: a step trains a multiple of dp x micro-batch (x pp with interleaving,
+        # whose schedule wants a multiple of pp micro-batches) trajectories; microbatches.py
+        # drops the rest
+        unit = dp * cfg.train.micro_batch_size * (par.pp if par.vpp else 1)
+        split = (f"data-parallel size {dp} x 'train.micro_batch_size' {cfg.train.micro_batch_size}"
+                 + (f" x 'parallel.pp' {par.pp} (interleaved schedule)" if par.vpp else ""))
+        if trajectories % unit:
+            raise ConfigError(f"config keys 'train.prompts_per_step' x 'rollout.n' = {trajectories} trajectories "
+                              f"must split evenly into {split}")
+        if cfg.data.replay.per_step % unit:
+            raise ConfigError(f"config key 'data.replay.per_step': got {cfg.data.replay.per_step}; the replayed "
+                              f"trajectories must split evenly into {split} (or set train.max_tokens_per_microbatch)")

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from _launch import REPO, Launch, data, describe, launches, own_server, shared, trainer_args  # noqa: F401
 
@@ -138,8 +139,8 @@ def test_overlapped_rollouts_sigkill_then_resume_keep_the_data_position(tmp_path
 def test_replay_sigkill_then_resume_reproduces_uninterrupted(tmp_path, tiny_model_dir, data, shared, launches):
     """data.replay (issue 15): from step 2 on, every batch holds 4 trajectories replayed from
     earlier steps. SIGKILL after step 2, --resume: the checkpoint held the buffer and its
-    generator, so every step trains on what an uninterrupted run trains on (the same metrics),
-    and the last checkpoints hold the same buffer."""
+    generator (rank 0's replay.pt), so every step trains on what an uninterrupted run trains on
+    (the same metrics), and the last checkpoints hold the same buffer."""
     args = ("train.steps=5", "checkpoint.save_every=1", "data.replay.size=12", "data.replay.per_step=4",
             "data.replay.successes_only=false", f"rollout.server_url={shared.url}")  # (the tiny model gets no reward)
     crash_dir = tmp_path / "crash"
@@ -167,9 +168,14 @@ def test_replay_sigkill_then_resume_reproduces_uninterrupted(tmp_path, tiny_mode
         for k in COMPARE:
             assert got[step][k] == pytest.approx(expected[step][k], rel=1e-5, abs=1e-5), (step, k)
         assert got[step]["replay_staleness_mean"] == expected[step]["replay_staleness_mean"], step
-    last = "iter_0000005"
-    want, have = (json.loads((d / "checkpoints" / last / "extra.json").read_text())["replay"] for d in (ref_dir, crash_dir))
-    assert have == want and len(want["samples"]) == 12
+    # the buffers after step 5 (rank 0's replay.pt): the same trajectories, the same generator
+    want, have = (torch.load(d / "checkpoints" / "iter_0000005" / "replay.pt", weights_only=False)
+                  for d in (ref_dir, crash_dir))
+    assert len(want["samples"]) == 12 and have["rng"] == want["rng"]
+    for h, w in zip(have["samples"], want["samples"]):
+        assert torch.equal(h["tokens"], w["tokens"]) and h["reward"] == w["reward"]
+        assert (h["prompt_index"], h["policy_version"]) == (w["prompt_index"], w["policy_version"])
+        assert torch.allclose(h["logprobs"], w["logprobs"], atol=1e-5)  # the sampler's, two servers' runs
     assert not (left := resumed.leftovers() + ref.leftovers()), describe(left)
 
 

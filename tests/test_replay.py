@@ -5,16 +5,17 @@ test_reliability_resume.py.)"""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+import torch
 
 from megatron_tbrm.data.replay import ReplayBuffer
 from megatron_tbrm.rollout.batch import Sample
 
 
 def _sample(i: int, reward: float) -> Sample:
-    return Sample.from_ids([1, 2, 3], [10 + i, 11 + i], [-0.5, -0.25], reward, prompt_index=i, pad_id=0, version=i)
+    # a sampler's log-probs as vLLM returns them (float64, one missing at the end: counted 0)
+    return Sample.from_ids([1, 2, 3 + i % 2], [10 + i, 11 + i, 7], [-0.5 - 1e-9 * i, -0.25], reward, prompt_index=i,
+                           pad_id=5, version=i, version_end=i + 1)
 
 
 def test_keeps_the_last_size_successes_and_draws_none_until_per_step_are_held():
@@ -42,20 +43,30 @@ def test_draws_are_copies():
     assert buf.samples[0].advantage == 0.0 and buf.samples[0] is not drawn
 
 
-def test_state_dict_through_json_draws_what_the_uninterrupted_buffer_draws():
+def test_draws_without_replacement_and_tops_up_with_extra():
+    buf = ReplayBuffer(size=4, per_step=4)
+    buf.add([_sample(i, 1.0) for i in range(4)])
+    for _ in range(5):
+        assert sorted(s.prompt_index for s in buf.draw()) == [0, 1, 2, 3]  # each held one, once
+    buf = ReplayBuffer(size=8, per_step=2)
+    buf.add([_sample(i, 1.0) for i in range(5)])
+    assert len(buf.draw(extra=2)) == 4 and len(buf.draw(extra=9)) == 5  # capped at what is held
+
+
+def test_saved_state_through_a_file_draws_what_the_uninterrupted_buffer_draws(tmp_path):
     a = ReplayBuffer(size=8, per_step=3, seed=5)
     for step in range(4):
         a.add([_sample(step * 4 + k, float(k % 2)) for k in range(4)])
         a.draw()
+    torch.save(a.state_dict(), tmp_path / "replay.pt")  # as the checkpoint stores it
     b = ReplayBuffer(size=8, per_step=3, seed=0)  # another seed: only the loaded state decides
-    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
-    assert [s.prompt_index for s in b.samples] == [s.prompt_index for s in a.samples]
+    b.load_state_dict(torch.load(tmp_path / "replay.pt", weights_only=False))
+    assert list(b.samples) == list(a.samples)  # every field rebuilt: tokens, labels, mask, log-probs, versions
     for step in range(3):
         new = [_sample(100 + step, 1.0)]
         a.add(new)
         b.add(new)
         assert [s.prompt_index for s in a.draw()] == [s.prompt_index for s in b.draw()]
-    assert b.samples[0] == a.samples[0]  # every field came back (tokens, log-probs, versions)
 
 
 @pytest.mark.parametrize("size,per_step", [(0, 1), (4, 0), (2, 3)])

@@ -1,16 +1,19 @@
 """Experience replay for TBRM (`data.replay`): recent trajectories trained on again.
 
-TBRM's residual holds for trajectories from any policy (shared/notes/tbrm.md), so a trajectory
-sampled a few updates ago is still valid data: no importance ratio, no correction. The buffer
-keeps the last `size` fresh rollouts of trained steps (only the successful ones, reward > 0,
+TBRM's residual holds for trajectories from any policy (shared/notes/tbrm.md): transitions are
+deterministic, so the residual of the optimal Q is zero on every trajectory and, in the
+realizable case, any mixture of trajectories has the same minimiser. A trajectory sampled some
+updates ago is still valid data, with no importance ratio and no correction. The buffer keeps
+the last `size` fresh rollouts of successfully updated steps (only the successful ones, reward > 0,
 with `successes_only`, as self-imitation learning does: Oh et al. 2018) and adds `per_step` of
 them, drawn uniformly without replacement, to every step's batch once it holds that many.
 Why: from a weak start (5-8% of rollouts right) a step holds 3-5 successes, too few for the
-update to move the policy towards them before the next batch's pull elsewhere; each success
-replayed a few times next to different batches is (docs/learning.md, section 2g).
+update to move the policy towards them before the next batches pull elsewhere; each success
+replayed several times next to different batches does (docs/learning.md, section 2g).
 
-Rank 0 only (it makes the batches); the buffer and its generator go into checkpoints, so a
-resumed run draws what the uninterrupted one would have.
+Rank 0 only (it makes the batches); the buffer and its generator go into checkpoints
+(`state_dict`: a file of rank 0's, not extra.json), so a resumed run draws what the
+uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import deque
-from typing import Iterable
+from typing import Iterable, Optional
+
+import torch
 
 from ..rollout.batch import Sample
 
 
 class ReplayBuffer:
-    """The last `size` trajectories added (successes only with `successes_only`); `draw` gives
-    `per_step` copies of them, or none while fewer are held. Raises ValueError for size < 1,
-    per_step < 1 or per_step > size."""
+    """The last `size` trajectories added (successes only with `successes_only`). Raises
+    ValueError for size < 1, per_step < 1 or per_step > size."""
 
     def __init__(self, size: int, per_step: int, successes_only: bool = True, seed: int = 0):
         if size < 1 or per_step < 1 or per_step > size:
@@ -39,21 +43,41 @@ class ReplayBuffer:
         return len(self.samples)
 
     def add(self, samples: Iterable[Sample]) -> None:
-        """Keep `samples` (a trained step's fresh rollouts; the oldest fall out)."""
+        """Keep `samples` (a step's fresh rollouts, built by Sample.from_ids; the oldest fall out)."""
         self.samples.extend(s for s in samples if s.reward > 0 or not self.successes_only)
 
-    def draw(self) -> list[Sample]:
-        """`per_step` distinct held trajectories as copies ([] while fewer are held)."""
+    def draw(self, extra: int = 0) -> list[Sample]:
+        """`per_step` distinct held trajectories, plus up to `extra` more while the buffer holds
+        them ([] while it holds fewer than per_step). Shallow copies: per-step fields (advantage)
+        may be set on them; their token lists are the held ones, never mutated."""
         if len(self.samples) < self.per_step:
             return []
-        return [dataclasses.replace(self.samples[i]) for i in self.rng.sample(range(len(self.samples)), self.per_step)]
+        n = min(self.per_step + max(extra, 0), len(self.samples))
+        return [dataclasses.replace(self.samples[i]) for i in self.rng.sample(range(len(self.samples)), n)]
 
     def state_dict(self) -> dict:
-        """JSON-able: the held trajectories and the generator's state."""
-        version, state, gauss = self.rng.getstate()
-        return {"samples": [dataclasses.asdict(s) for s in self.samples], "rng": [version, list(state), gauss]}
+        """The held trajectories, compact (prompt and response ids, the sampler's log-probs of the
+        response, reward, prompt index, versions: what Sample.from_ids rebuilds the rest from) and
+        the generator's state; for torch.save."""
+        rows = []
+        for s in self.samples:
+            start = s.loss_mask.index(1.0)  # the last prompt position
+            end = start + int(sum(s.loss_mask))
+            rows.append({"tokens": torch.tensor(s.tokens, dtype=torch.int64), "prompt_len": start + 1,
+                         "logprobs": torch.tensor(s.rollout_logprobs[start:end], dtype=torch.float64),
+                         "reward": s.reward, "prompt_index": s.prompt_index, "pad_id": s.labels[-1],
+                         "policy_version": s.policy_version, "policy_version_end": s.policy_version_end})
+        return {"samples": rows, "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.samples = deque((Sample(**s) for s in state["samples"]), maxlen=self.size)
-        version, st, gauss = state["rng"]
-        self.rng.setstate((version, tuple(st), gauss))
+        self.samples = deque((_sample(r) for r in state["samples"]), maxlen=self.size)
+        self.rng.setstate(state["rng"])
+
+
+def _sample(row: dict) -> Sample:
+    tokens, n = row["tokens"].tolist(), row["prompt_len"]
+    sample: Optional[Sample] = Sample.from_ids(tokens[:n], tokens[n:], row["logprobs"].tolist(), row["reward"],
+                                               row["prompt_index"], row["pad_id"], row["policy_version"],
+                                               row["policy_version_end"])
+    assert sample is not None  # a held sample has a response
+    return sample
