@@ -68,6 +68,10 @@ def test_good_config_validates(good):
          r"'data.replay': replayed \(off-policy\) trajectories are for loss.name=tbrm .*data.replay.per_step=0 turns replay off"),
         (["data.replay.size=8", "data.replay.per_step=3"], 1,
          r"'data.replay.per_step': got 3; .* data-parallel size 1 x 'train.micro_batch_size' 2"),
+        (["parallel.pp=2", "parallel.vpp=1", "train.prompts_per_step=2"], 2,
+         r"= 2 trajectories must split evenly into data-parallel size 1 x 'train.micro_batch_size' 2 x 'parallel.pp' 2"),
+        (["parallel.pp=2", "parallel.vpp=1", "data.replay.size=8", "data.replay.per_step=2"], 2,
+         r"'data.replay.per_step': got 2; .* x 'parallel.pp' 2 \(interleaved schedule\)"),
         (["data.replay.size=8", "data.replay.per_step=2", "data.trajectories=/tmp"], 1,
          r"'data.replay': the buffer holds fresh rollouts, and data.trajectory_fraction=1 makes none"),
     ],
@@ -75,6 +79,17 @@ def test_good_config_validates(good):
 def test_bad_config_names_key_and_value(good, overrides, world, match):
     with pytest.raises(ConfigError, match=match) if "fp8" not in overrides[0] else pytest.raises(ValueError, match=match):
         validate(load_config(None, good + overrides), world_size=world)
+
+
+def test_replay_settings_that_run_validate(good):
+    """per_step 0 turns replay off whatever the size; a token budget lifts the row split; replay
+    mixes with trajectory files when fresh rollouts still come."""
+    traj = next(x for x in good if x.startswith("data.train_path=")).split("=", 1)[1]
+    for extra in (["data.replay.size=8"],
+                  ["data.replay.size=8", "data.replay.per_step=3", "train.max_tokens_per_microbatch=256"],
+                  ["data.replay.size=8", "data.replay.per_step=2", f"data.trajectories={traj}",
+                   "data.trajectory_fraction=0.5"]):
+        validate(load_config(None, good + extra), world_size=1)
 
 
 def test_token_budget_replaces_the_row_split(good):
