@@ -13,12 +13,15 @@ C. (--overlap) Wall time per step of TBRM n=1 with train.max_staleness k = 0, 1,
    prompts) from a demo folder's warm start; without it, a tiny random model at 32 prompts.
    Every setting runs `--repeats` (even) times in ABBA order (0, 1, 2, 2, 1, 0); `--busy null
    0.05` adds vLLM's own 1 s reader busy loop next to the default 0.05 s
-   (rollout.shm_busy_loop_s, vLLM patch in rollout/vllm_cpu_patches.py). On this CPU rollout and update share the cores: the fraction
+   (rollout.shm_busy_loop_s, vLLM patch in rollout/vllm_cpu_patches.py); `--cpu-bind auto nobind`
+   runs the CPU engine's worker pinned to one core (vLLM's VLLM_CPU_OMP_THREADS_BIND=auto, the
+   default) and unpinned, side by side. On this CPU rollout and update share the cores: the fraction
    of the machine's CPU time (/proc/stat) each run keeps busy, and the CPU seconds of each
    process (psutil, by vLLM's process titles), are printed too (docs/offpolicy.md, "Where the
    CPU time goes"). Goal (issue 18): k=1 <= 0.7x of k=0.
 
-    python bench/step.py [--nproc 2] [--skip-full] [--overlap [--steps 8] [--warm runs/demo] [--repeats 2] [--busy null 0.05]]
+    python bench/step.py [--nproc 2] [--skip-full] [--overlap [--steps 8] [--warm runs/demo] [--repeats 2]
+                         [--busy null 0.05] [--cpu-bind auto nobind]]
 
 A runs under torchrun with --nproc ranks (DP); B launches the trainer twice.
 """
@@ -190,13 +193,14 @@ class CpuSampler:
         return (last[0] - first[0]) / (last[1] - first[1])
 
 
-def run_logged(cmd: list[str], log: Path, what: str) -> str:
-    """Run `cmd` with its output in `log` (kept); on failure exit showing why: every rank's
-    traceback and the vLLM server's own error, not only the launcher's last lines."""
+def run_logged(cmd: list[str], log: Path, what: str, env: dict | None = None) -> str:
+    """Run `cmd` (with `env` added to the environment) with its output in `log` (kept); on failure
+    exit showing why: every rank's traceback and the vLLM server's own error, not only the
+    launcher's last lines."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))).returncode
     text = log.read_text(errors="replace")
     if rc:
         why = [ln for ln in text.splitlines() if "failed" in ln or "Error" in ln][-20:]
@@ -240,10 +244,12 @@ def part_b(model_dir: Path, data: Path, nproc: int, steps: int, work: Path) -> d
 
 
 def part_c(model_dir: Path, data: Path, nproc: int, steps: int, work: Path, ks=(0, 1, 2),
-           busy_loops=("0.05",), repeats: int = 2, recipe_batch: bool = False) -> dict:
-    """{(busy_loop, k): [metrics of each repeat]}: every max_staleness k with every
-    rollout.shm_busy_loop_s (null: vLLM's own 1 s busy loop), `repeats` times in ABBA order
-    (k = 0, 1, 2, 2, 1, 0, ...: a drift of the machine over the bench hits every k alike).
+           busy_loops=("0.05",), binds=("auto",), repeats: int = 2, recipe_batch: bool = False) -> dict:
+    """{(busy_loop, bind, k): [metrics of each repeat]}: every max_staleness k with every
+    rollout.shm_busy_loop_s (null: vLLM's own 1 s busy loop) and every VLLM_CPU_OMP_THREADS_BIND
+    of the engine (`binds`: "auto", vLLM's default, pins its worker to the last core; "nobind"
+    leaves it to the kernel), `repeats` times in ABBA order (k = 0, 1, 2, 2, 1, 0, ...: a drift
+    of the machine over the bench hits every k alike).
 
     `recipe_batch`: keep the recipe's prompts per step, micro-batch and value offset (the demo
     recipe); otherwise 32 prompts in micro-batches of 8, no value offset (the random model's
@@ -253,21 +259,22 @@ def part_c(model_dir: Path, data: Path, nproc: int, steps: int, work: Path, ks=(
     batch = [] if recipe_batch else ["train.prompts_per_step=32", "train.micro_batch_size=8", "model.value_offset=false"]
     order = []
     for rep in range(repeats):
-        settings = [(b, k) for k in ks for b in busy_loops]
-        order += [(rep, b, k) for b, k in (settings if rep % 2 == 0 else settings[::-1])]
+        settings = [(b, bind, k) for k in ks for b in busy_loops for bind in binds]
+        order += [(rep, *s) for s in (settings if rep % 2 == 0 else settings[::-1])]
     res: dict = {}
-    for rep, busy, k in order:
-        run_dir = work / f"staleness_{k}_busy_{busy}_rep{rep}"
+    for rep, busy, bind, k in order:
+        run_dir = work / f"staleness_{k}_busy_{busy}_bind_{bind}_rep{rep}"
         # no replay: a replayed batch's size follows the success count (and the earlier runs had none)
         cmd = train_command(nproc, model_dir, data, run_dir, steps, *batch, f"train.max_staleness={k}",
                             f"rollout.shm_busy_loop_s={busy}", "data.replay.per_step=0")
+        what = f"part C (max_staleness={k}, shm_busy_loop_s={busy}, bind {bind}, repeat {rep})"
         with CpuSampler(run_dir / "metrics.jsonl") as cpu:
-            run_logged(cmd, run_dir / "launcher.log", f"part C (max_staleness={k}, shm_busy_loop_s={busy}, repeat {rep})")
+            run_logged(cmd, run_dir / "launcher.log", what, env={"VLLM_CPU_OMP_THREADS_BIND": bind})
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "step_s" in r]
         steady = rows[1:]
         roll = [r["rollout_s"] for r in steady]
-        res.setdefault((busy, k), []).append({
+        res.setdefault((busy, bind, k), []).append({
             # wall clock from the end of step 1 to the end of the last: what a user waits for
             "per_step_s": (rows[-1]["wall_time"] - rows[0]["wall_time"]) / (len(rows) - 1),
             "step_s": statistics.mean(r["step_s"] for r in steady),
@@ -276,7 +283,8 @@ def part_c(model_dir: Path, data: Path, nproc: int, steps: int, work: Path, ks=(
             "staleness_mean": statistics.mean(r.get("staleness_mean", 0.0) for r in steady),
             "trainer_idle_s": statistics.mean(r.get("trainer_idle_s", 0.0) for r in steady),
             "cpu_busy": cpu.busy_fraction(), "cpu_s_by_process": cpu.cpu_s_by_process()})
-        print(f"[part C] max_staleness={k} busy={busy} repeat {rep}: {res[busy, k][-1]['per_step_s']:.3f} s per step",
+        print(f"[part C] max_staleness={k} busy={busy} bind={bind} repeat {rep}: "
+              f"{res[busy, bind, k][-1]['per_step_s']:.3f} s per step",
               flush=True)  # kept in the log if a later run fails
     return res
 
@@ -290,22 +298,22 @@ def print_part_c(c: dict, steps: int, nproc: int, what: str) -> None:
 
     print(f"C. TBRM n=1, {what}, {steps} steps, {nproc} trainer ranks, vLLM CPU server; per step: the mean "
           f"over the steady state (from the end of step 1); busy = rollout.shm_busy_loop_s (null: vLLM's 1 s); "
-          f"{len(next(iter(c.values())))} runs per setting in ABBA order")
-    for (busy, k), runs in c.items():
+          f"bind = the engine's VLLM_CPU_OMP_THREADS_BIND; {len(next(iter(c.values())))} runs per setting in ABBA order")
+    for (busy, bind, k), runs in c.items():
         parts = ("step_s", "rollout_s", "rollout_median_s", "update_sync_s", "staleness_mean", "trainer_idle_s", "cpu_busy")
-        print(f"   busy={busy:>4} max_staleness={k}: per_step_s {mean(runs, 'per_step_s'):.2f} "
+        print(f"   busy={busy:>4} bind={bind} max_staleness={k}: per_step_s {mean(runs, 'per_step_s'):.2f} "
               f"(runs: {each(r['per_step_s'] for r in runs)}); " + ", ".join(f"{m}={mean(runs, m):.2f}" for m in parts))
         print("      cpu-s by process (whole run, first repeat): "
               + ", ".join(f"{n} {s:.0f}" for n, s in list(runs[0]["cpu_s_by_process"].items())[:6]))
-    for busy in dict.fromkeys(b for b, _ in c):
-        k0 = c[busy, 0]
+    for busy, bind in dict.fromkeys((b, bind) for b, bind, _ in c):
+        k0 = c[busy, bind, 0]
         r, u, p0 = mean(k0, "rollout_s"), mean(k0, "update_sync_s"), mean(k0, "per_step_s")
         ratios = ", ".join(
-            f"k={k} / k=0 = {mean(c[busy, k], 'per_step_s') / mean(k0, 'per_step_s'):.2f}x "
-            f"(per repeat: {each(x['per_step_s'] / y['per_step_s'] for x, y in zip(c[busy, k], k0))})"
-            for b, k in c if b == busy and k)
+            f"k={k} / k=0 = {mean(c[busy, bind, k], 'per_step_s') / p0:.2f}x "
+            f"(per repeat: {each(x['per_step_s'] / y['per_step_s'] for x, y in zip(c[busy, bind, k], k0))})"
+            for b, bd, k in c if (b, bd) == (busy, bind) and k)
         # perfect overlap hides the shorter of rollout and update+sync, nothing else of the step
-        print(f"   busy={busy}: {ratios}; bound from k=0's parts (separate devices): (step - min(rollout, update+sync)) "
+        print(f"   busy={busy} bind={bind}: {ratios}; bound from k=0's parts (separate devices): (step - min(rollout, update+sync)) "
               f"/ step = {(p0 - min(r, u)) / p0:.2f}x (rest of the step, neither part: {p0 - r - u:.2f} s)")
     print("   goal (issue 18): k=1 <= 0.70x of k=0")
 
@@ -326,13 +334,16 @@ def main() -> None:
                     help="part C on the demo recipe: a demo folder (its sft_model and data/train.jsonl, e.g. runs/demo)")
     ap.add_argument("--busy", nargs="+", default=["0.05"],
                     help="part C's rollout.shm_busy_loop_s values (null: vLLM's 1 s busy loop)")
+    ap.add_argument("--cpu-bind", nargs="+", default=["auto"], choices=["auto", "nobind"],
+                    help="part C's VLLM_CPU_OMP_THREADS_BIND for the engine (auto: vLLM's default, its worker "
+                         "pinned to the last core; nobind: not pinned)")
     ap.add_argument("--repeats", type=int, default=2, help="part C: runs per setting, in ABBA order")
     ap.add_argument("--arch", default="tiny", choices=["tiny", *ARCHS], help="part A's model")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-step",
                     help="model, data, runs and logs (kept: a failed run can be read)")
     a = ap.parse_args()
-    if not a.overlap and (a.warm is not None or a.busy != ["0.05"] or a.repeats != 2):
-        ap.error("--warm, --busy and --repeats are part C's: give them with --overlap")
+    if not a.overlap and (a.warm is not None or a.busy != ["0.05"] or a.cpu_bind != ["auto"] or a.repeats != 2):
+        ap.error("--warm, --busy, --cpu-bind and --repeats are part C's: give them with --overlap")
     if a.overlap:
         if a.repeats < 1 or a.repeats % 2:
             ap.error(f"--repeats {a.repeats}: give an even number >= 2 (ABBA order: each k's mean position equal)")
@@ -346,6 +357,7 @@ def main() -> None:
             if not ok:
                 ap.error(f"--busy {b}: give null or a number of seconds >= 0")
         a.busy = list(dict.fromkeys(a.busy))
+        a.cpu_bind = list(dict.fromkeys(a.cpu_bind))
     a.work = a.work.resolve()
     if a.warm is not None:
         a.warm = a.warm.resolve()
@@ -369,7 +381,7 @@ def main() -> None:
     if a.overlap:
         what = (f"the demo recipe from the warm start in {a.warm} (its prompts per step)" if a.warm
                 else "tiny random model, 32 prompts per step")
-        c = part_c(model, train, a.nproc, a.steps, work, busy_loops=tuple(a.busy), repeats=a.repeats,
+        c = part_c(model, train, a.nproc, a.steps, work, busy_loops=tuple(a.busy), binds=tuple(a.cpu_bind), repeats=a.repeats,
                    recipe_batch=a.warm is not None)
         print_part_c(c, a.steps, a.nproc, what)
         return
