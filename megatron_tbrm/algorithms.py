@@ -52,9 +52,6 @@ class Algorithm:
         """(loss_sum, count, {metric: [sum, count]}) on the last pipeline stage."""
         raise NotImplementedError
 
-    def after_update(self, metrics: dict) -> None:
-        """Every rank, after an optimizer step, with the step's global metric means."""
-
     def state_dict(self) -> dict:
         return {}
 
@@ -65,11 +62,9 @@ class Algorithm:
 class TBRM(Algorithm):
     name = "tbrm"
 
-    def __init__(self, loss_cfg, vocab_size, tp_group, value_offset: bool = False,
-                 value_offset_update: str = "first_batch"):
+    def __init__(self, loss_cfg, vocab_size, tp_group, value_offset: bool = False):
         super().__init__(loss_cfg, vocab_size, tp_group)
         self.value_offset = value_offset
-        self.value_offset_update = value_offset_update
         self.v_offset = 0.0
 
     def on_first_batch(self, ref, microbatches, ps):
@@ -102,16 +97,6 @@ class TBRM(Algorithm):
             log.info(f"value offset {v_mean - target:.3f}: base mean V(s_1) {v_mean:.3f} -> mean r/beta "
                      f"{target:.3f} of the first batch")
         return v_mean - target
-
-    def after_update(self, metrics):
-        # `model.value_offset_update: every_step`: delta = V(s_1) - v_offset + ..., so adding
-        # the step's mean residual makes it zero: the exact least-squares offset for the batch
-        # just trained (pre-update weights), used from the next step on.
-        if self.value_offset and self.value_offset_update == "every_step":
-            d = metrics.get("delta_mean")
-            if d is not None and d == d:
-                self.v_offset += float(d)
-        metrics["v_offset"] = self.v_offset
 
     def loss_sums(self, mb, logits):
         return tbrm_loss_sums(logits, mb["labels"], mb["ref_logprobs"], mb["rewards"], mb["loss_mask"],
@@ -154,11 +139,10 @@ ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (TBRM, GRPO)}
 
 
 def make_algorithm(loss_cfg: "LossSection", vocab_size: int, tp_group: Optional[ProcessGroup],
-                   value_offset: bool = False, value_offset_update: str = "first_batch") -> Algorithm:
+                   value_offset: bool = False) -> Algorithm:
     """The algorithm named by `loss.name`; ValueError names the valid ones."""
     if loss_cfg.name not in ALGORITHMS:
         raise ValueError(f"loss.name={loss_cfg.name!r}: expected one of {sorted(ALGORITHMS)}")
     if loss_cfg.name == "tbrm":
-        return TBRM(loss_cfg, vocab_size, tp_group, value_offset=value_offset,
-                    value_offset_update=value_offset_update)
+        return TBRM(loss_cfg, vocab_size, tp_group, value_offset=value_offset)
     return ALGORITHMS[loss_cfg.name](loss_cfg, vocab_size, tp_group)

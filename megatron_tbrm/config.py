@@ -36,11 +36,6 @@ class ModelSection:
     # Policy-preserving shift of V_theta(s_1): subtract the base model's mean V(s_1) from an
     # output-layer bias so r/beta dominates (shared/notes/tbrm.md). Off for paper fidelity.
     value_offset: bool = False
-    # With value_offset: "first_batch" fixes the shift at step 0; "every_step" refits it after
-    # every update to the exact least-squares value for the step's batch (the shift is one
-    # scalar parameter of Q; mean residual 0), so V(s_1) follows the batch's mean r/beta when
-    # replay or learning changes it, instead of the network carrying it (docs/learning.md 2k).
-    value_offset_update: Literal["first_batch", "every_step"] = "first_batch"
 
 
 @dataclass

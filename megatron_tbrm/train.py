@@ -72,8 +72,7 @@ class Trainer:
 
         tp_group = mpu.get_tensor_model_parallel_group() if self.ps.tp_size > 1 else None
         self.tp_group = tp_group
-        self.algorithm = make_algorithm(cfg.loss, self.model_cfg.vocab_size, tp_group, value_offset=m.value_offset,
-                                         value_offset_update=m.value_offset_update)
+        self.algorithm = make_algorithm(cfg.loss, self.model_cfg.vocab_size, tp_group, value_offset=m.value_offset)
         self.tokenizer = load_tokenizer(m.path)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -323,8 +322,6 @@ class Trainer:
         if finite(metrics["loss"]):
             self.bad_steps = 0
             metrics.update(self.policy.step())
-            if metrics.get("update_ok", 1.0) == 1.0:
-                self.algorithm.after_update(metrics)
             return metrics
         self.policy.discard_grads()
         self.bad_steps += 1

@@ -157,9 +157,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if cfg.train.max_staleness < 0:
         raise ConfigError(f"config key 'train.max_staleness': got {cfg.train.max_staleness}; must be >= 0")
     _check_replay(cfg)
-    if cfg.model.value_offset_update == "every_step" and not (cfg.model.value_offset and cfg.loss.name == "tbrm"):
-        raise ConfigError(f"config key 'model.value_offset_update': 'every_step' refits TBRM's value offset; it needs "
-                          f"model.value_offset=true and loss.name=tbrm (got {cfg.model.value_offset} / {cfg.loss.name!r})")
     if cfg.data.trajectories is not None:
         if not 0.0 < cfg.data.trajectory_fraction <= 1.0:
             raise ConfigError(f"config key 'data.trajectory_fraction': got {cfg.data.trajectory_fraction}; must be in (0, 1]")

@@ -74,9 +74,6 @@ def test_good_config_validates(good):
          r"'data.replay.per_step': got 2; .* x 'parallel.pp' 2 \(interleaved schedule\)"),
         (["data.replay.size=8", "data.replay.per_step=2", "data.trajectories=/tmp"], 1,
          r"'data.replay': the buffer holds fresh rollouts, and data.trajectory_fraction=1 makes none"),
-        (["model.value_offset_update=every_step", "model.value_offset=false"], 1,
-         r"'model.value_offset_update': 'every_step' refits .* needs model.value_offset=true and loss.name=tbrm \(got False / 'tbrm'\)"),
-        (["model.value_offset_update=per_batch"], 1, r"model.value_offset_update"),
     ],
 )
 def test_bad_config_names_key_and_value(good, overrides, world, match):
