@@ -206,6 +206,11 @@ class TrainSection:
     pack_sequences: bool = False
     ref_offload: bool = False  # keep the frozen reference model on CPU between uses
     max_bad_steps: int = 3  # non-finite losses in a row before the run stops
+    # Megatron-LM's --exit-duration-in-mins: stop after the first step that ends this many
+    # minutes after the trainer started (rank 0's clock, so every rank stops at the same step),
+    # with the final evaluation and a checkpoint, e.g. ahead of a SLURM time limit. null: run
+    # train.steps. train.steps still caps the run and sets the lr schedule.
+    exit_duration_in_mins: Optional[float] = None
     # Rollouts for the next max_staleness steps are generated while the current update runs
     # (0: synchronous). TBRM needs no correction for the stale data; GRPO's ratio is taken
     # against the sampler's log-probs. TBRM has no trust region either: on the demo, lr 3e-4

@@ -393,13 +393,16 @@ class Trainer:
         metrics: dict = {}
         while self.step < cfg.train.steps:
             metrics = self.train_step()
+            last = self.step == cfg.train.steps or self._exit_duration_reached()
             # The last step too: the run's final accuracy is what users read (steps=320, every=25).
-            if evaluating and (self.step % cfg.eval.every == 0 or self.step == cfg.train.steps):
+            if evaluating and (self.step % cfg.eval.every == 0 or last):
                 metrics.update(self.rollout.evaluate(self.eval_items))
             if self.is_main:
                 self.tracking.log(metrics)
                 self._report(metrics, bar)
-            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0 and self.step < cfg.train.steps:
+            if last:
+                break
+            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                 self.save()
         if bar is not None:
             bar.close()
@@ -409,6 +412,19 @@ class Trainer:
 
             plot(load_runs([self.run_dir]), self.run_dir / "curves.png")
         return metrics
+
+    def _exit_duration_reached(self) -> bool:
+        """train.exit_duration_in_mins: rank 0's elapsed time decides, broadcast so that every
+        rank leaves the loop after the same step."""
+        limit = self.cfg.train.exit_duration_in_mins
+        if limit is None:
+            return False
+        flag = [self.is_main and time.time() - self.t_start >= 60.0 * limit]
+        dist.broadcast_object_list(flag, src=0)
+        if flag[0] and self.is_main:
+            log.info(f"train.exit_duration_in_mins={limit:g} reached after step {self.step} of {self.cfg.train.steps} "
+                     f"({(time.time() - self.t_start) / 60:.1f} min): final evaluation and checkpoint, then exit")
+        return bool(flag[0])
 
     def _report(self, m: dict, bar) -> None:
         parts = {"reward": f"{m.get('rollout_reward_mean', m.get('reward_mean', float('nan'))):.3f}", "loss": f"{m['loss']:.4g}",

@@ -154,6 +154,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if cfg.rollout.sleep_mode == "always" and cfg.train.max_staleness:
         raise ConfigError(f"config key 'rollout.sleep_mode': 'always' with train.max_staleness={cfg.train.max_staleness}: "
                           "the server cannot sleep while it generates the next steps' rollouts during the update")
+    if cfg.train.exit_duration_in_mins is not None and not cfg.train.exit_duration_in_mins > 0:
+        raise ConfigError(f"config key 'train.exit_duration_in_mins': got {cfg.train.exit_duration_in_mins}; "
+                          "must be > 0 (minutes), or null to run train.steps")
     if cfg.train.max_staleness < 0:
         raise ConfigError(f"config key 'train.max_staleness': got {cfg.train.max_staleness}; must be >= 0")
     _check_replay(cfg)

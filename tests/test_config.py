@@ -74,6 +74,7 @@ def test_good_config_validates(good):
          r"'data.replay.per_step': got 2; .* x 'parallel.pp' 2 \(interleaved schedule\)"),
         (["data.replay.size=8", "data.replay.per_step=2", "data.trajectories=/tmp"], 1,
          r"'data.replay': the buffer holds fresh rollouts, and data.trajectory_fraction=1 makes none"),
+        (["train.exit_duration_in_mins=0"], 1, r"'train.exit_duration_in_mins': got 0.*must be > 0 \(minutes\), or null"),
     ],
 )
 def test_bad_config_names_key_and_value(good, overrides, world, match):

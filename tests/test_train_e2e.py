@@ -167,6 +167,19 @@ def test_pp2_step(tmp_path, tiny_model_dir, data, server):
     assert [s for s, _ in evals] == [0, 1] and all(0.0 <= a <= 1.0 for _, a in evals), evals
 
 
+def test_exit_duration_stops_with_final_evaluation_and_checkpoint(tmp_path, tiny_model_dir, data, server):
+    """train.exit_duration_in_mins (Megatron-LM's --exit-duration-in-mins): a limit already
+    passed after the first step stops a 20-step run there, on both ranks, with the final
+    held-out evaluation and a complete checkpoint that `latest` names."""
+    run = tmp_path / "exit"
+    rows = train(run, tiny_model_dir, data, server, "train.steps=20", "train.exit_duration_in_mins=0.0001",
+                 "checkpoint.save_every=5", "eval.every=5", "eval.max_problems=4", "eval.max_tokens=8")
+    assert [r["step"] for r in rows if "loss" in r] == [1]
+    assert [r["step"] for r in rows if r.get("eval_accuracy") is not None] == [0, 1]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+    assert any((run / "checkpoints" / "iter_0000001").iterdir())
+
+
 def test_pp2_packed_step(tmp_path, tiny_model_dir, data, server):
     """train.pack_sequences under train.max_tokens_per_microbatch at PP=2: packed rows of
     different lengths through the pipeline, the reference forward and model.value_offset's
