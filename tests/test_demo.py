@@ -106,3 +106,42 @@ def test_warm_start_data_splits(tmp_path, disjoint_from_rl):
     assert bool(s["sft_train"] & s["rl_train"]) is not disjoint_from_rl
     with pytest.raises(ValueError, match="outside the held-out sets"):
         dataclasses.replace(ws, sft_pool=ws.sft_pool + 1).sft_positions()
+
+
+def test_time_box_minutes():
+    assert demo.time_box_minutes(20.0, spent_s=100.0, reserve_s=45.0) == pytest.approx((1200 - 145) / 60)
+    with pytest.raises(SystemExit, match="--time-budget-min 3: 2.5 min already spent"):
+        demo.time_box_minutes(3.0, spent_s=150.0, reserve_s=45.0)  # 15 s left for TBRM
+
+
+def test_time_budget_counts_a_reused_warm_start(tmp_path, monkeypatch, capsys):
+    """--time-budget-min: the trainer gets train.exit_duration_in_mins = the budget less the time
+    spent so far, a reused warm start's recorded seconds included, less the reserve; the
+    summary records the budget; the band printed is the one the warm start was made for."""
+    import megatron_tbrm.demo.tiny as tiny
+
+    monkeypatch.setattr(tiny, "write_tiny_model", lambda *a, **k: None)
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "sft.json").write_text(json.dumps({
+        "probe": [{"step": 105, "greedy_exact": 0.07}], "probe_accuracy": 0.07, "probe_size": 400, "steps": 105,
+        "band": [0.05, 0.08], "band_status": "in_band", "seconds": 300.0}))
+    train_cmds = []
+
+    def fake_run(cmd, what, ok=(0,)):
+        assert "megatron_tbrm.train" in cmd, "a reused warm start runs no SFT"
+        train_cmds.append(cmd)
+        run_dir = Path(next(x for x in cmd if x.startswith("run.dir=")).split("=", 1)[1])
+        _fake_run(run_dir.parent, [0.07, 0.1, 0.15, 0.2, 0.25, 0.3])
+        return 0
+
+    monkeypatch.setattr(demo, "_run", fake_run)
+    assert demo.main(["--out", str(out), "--reuse-sft", "--time-budget-min", "20", "--steps", "1000"]) == 0
+    (cmd,) = train_cmds
+    minutes = float(next(x for x in cmd if x.startswith("train.exit_duration_in_mins=")).split("=", 1)[1])
+    # 20 min less the warm start's 300 s and the reserve, less the few seconds the data took here
+    assert (1200 - 300 - demo.TIME_BUDGET_RESERVE_S - 60) / 60 < minutes <= (1200 - 300 - demo.TIME_BUDGET_RESERVE_S) / 60
+    assert "train.steps=1000" in cmd
+    s = json.loads((out / "summary.json").read_text())
+    assert s["time_budget_min"] == 20.0 and s["warm_start"]["reused"] is True
+    assert "inside the band [0.05, 0.08]" in capsys.readouterr().out

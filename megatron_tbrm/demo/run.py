@@ -32,6 +32,11 @@ RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 # accuracy before RL (absolute).
 GOAL_GAIN = 0.15
 WARM_START_FAILED = 3  # exit status when the warm start ends outside its band
+# What a time-boxed demo spends outside the trainer's clock (train.exit_duration_in_mins counts
+# from the trainer's start): torchrun and model init before it, the step that crosses the limit,
+# the final evaluation and checkpoint, the server's shutdown, the summary and plot after it
+# (~25 s measured on the 2-core CPU, docs/learning.md 2m).
+TIME_BUDGET_RESERVE_S = 45.0
 
 
 def _run(cmd: list[str], what: str, ok: tuple[int, ...] = (0,)) -> int:
@@ -48,11 +53,24 @@ def verdict(before: float, mean_last3: float, goal: float = GOAL_GAIN) -> str:
     return "learned" if mean_last3 - before >= goal - 1e-9 else "did not learn"
 
 
+def time_box_minutes(budget_min: float, spent_s: float, reserve_s: float = TIME_BUDGET_RESERVE_S) -> float:
+    """train.exit_duration_in_mins for a demo that must end within `budget_min` minutes when
+    `spent_s` seconds are already gone (data, tiny model, warm start), keeping `reserve_s` for
+    what runs outside the trainer's clock. Raises SystemExit when nothing is left for TBRM."""
+    left = budget_min * 60.0 - spent_s - reserve_s
+    if left < 60.0:
+        raise SystemExit(f"[demo] --time-budget-min {budget_min:g}: {spent_s / 60:.1f} min already spent "
+                         f"(warm start included) and {reserve_s:.0f} s kept for start-up and the final "
+                         f"evaluation leave {max(left, 0.0) / 60:.2f} min for TBRM; give at least 1 min more")
+    return left / 60.0
+
+
 def torchrun(nproc: int, module: str, *args: str) -> list[str]:
     return [*torchrun_command(nproc), "-m", module, *args]
 
 
-def summarize(run_dir: Path, out: Path, t0: float, warm_start: dict | None = None) -> dict:
+def summarize(run_dir: Path, out: Path, t0: float, warm_start: dict | None = None,
+              time_budget_min: float | None = None) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     evals = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
     steps = max(r["step"] for r in rows)
@@ -80,6 +98,8 @@ def summarize(run_dir: Path, out: Path, t0: float, warm_start: dict | None = Non
     summary["rl_wall_seconds"] = max((r.get("wall_time") or 0.0) for r in rows)
     if warm_start is not None:
         summary["warm_start"] = warm_start
+    if time_budget_min is not None:
+        summary["time_budget_min"] = time_budget_min
     summary["curves_png"] = str(out / "curves.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     from ..compare_runs import load_runs, plot
@@ -103,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the warm start's schedule (it stops earlier, inside the band)")
     ap.add_argument("--reuse-sft", action="store_true",
                     help="keep an existing warm start in OUT/sft_model (its sft.json must say in_band)")
+    ap.add_argument("--time-budget-min", type=float, default=None, metavar="MIN",
+                    help="end the whole demo (warm start included; a reused one counts its recorded time) "
+                         "within MIN minutes: TBRM stops after the first step past what is left "
+                         "(train.exit_duration_in_mins), train.steps stays the cap")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides for the TBRM recipe")
     a = ap.parse_args(argv)
@@ -126,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     # problems (see megatron_tbrm/sft.py).
     lo, hi = a.sft_band
     sft_json = out / "sft.json"
-    if not (a.reuse_sft and sft_json.exists() and json.loads(sft_json.read_text()).get("band_status") == "in_band"):
+    reused = a.reuse_sft and sft_json.exists() and json.loads(sft_json.read_text()).get("band_status") == "in_band"
+    if not reused:
         sft_json.unlink(missing_ok=True)
         sft = ["--model", str(base), "--data", str(data["sft_train"]), "--out", str(sft_model),
                *WS.cli_args(steps=a.sft_steps, band=(lo, hi)),
@@ -139,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ws = json.loads(sft_json.read_text())
     warm_start = {"probe_accuracy": ws["probe_accuracy"], "probe_size": ws["probe_size"], "sft_steps": ws["steps"],
                   "band": ws["band"], "band_status": ws["band_status"], "sft_seed": a.sft_seed,
-                  "sft_seconds": round(ws["seconds"], 1), "recipe": dataclasses.asdict(WS)}
+                  "sft_seconds": round(ws["seconds"], 1), "reused": bool(reused), "recipe": dataclasses.asdict(WS)}
+    lo, hi = ws["band"]  # with --reuse-sft, the band the warm start was made for, not --sft-band's
     if ws["band_status"] != "in_band":
         print(f"\n[demo] STOP: the warm start failed ({ws['band_status']}): held-out probe greedy accuracy "
               f"{ws['probe_accuracy']:.3f} after {ws['steps']} SFT steps, outside the band [{lo:.2f}, {hi:.2f}]. "
@@ -159,11 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.steps={a.steps}")
     if a.seed is not None:
         overrides += [f"parallel.seed={a.seed}", f"data.seed={a.seed}"]
+    if a.time_budget_min is not None:
+        spent = time.time() - t0 + (ws["seconds"] if reused else 0.0)
+        rl_min = time_box_minutes(a.time_budget_min, spent)
+        cap = f"{a.steps} steps" if a.steps is not None else "the recipe's train.steps"
+        print(f"[demo] time budget {a.time_budget_min:g} min: {spent / 60:.1f} min spent, TBRM stops after "
+              f"{rl_min:.2f} min or {cap}, whichever comes first", flush=True)
+        overrides.append(f"train.exit_duration_in_mins={rl_min:.3f}")
     _run(torchrun(a.nproc, "megatron_tbrm.train", "--config", str(RECIPE), *overrides, *a.overrides),
          "3/4 TBRM (n=1) through the vLLM CPU server")
 
     print("\n[demo] 4/4 summary", flush=True)
-    s = summarize(run_dir, out, t0, warm_start)
+    s = summarize(run_dir, out, t0, warm_start, a.time_budget_min)
     print(json.dumps({k: s[k] for k in ("accuracy_before", "accuracy_after", "accuracy_after_mean_last3", "steps",
                                         "wall_seconds", "train_reward_first5", "train_reward_last5")}, indent=1))
     print(f"[demo] warm start: probe {warm_start['probe_accuracy']:.3f} after {warm_start['sft_steps']} SFT steps "
