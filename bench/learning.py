@@ -140,14 +140,17 @@ def summary_row(seed: int, demo_dir: Path) -> dict:
                    sft_s=w.get("seconds"))
     if s_path.exists():
         s = json.loads(s_path.read_text())
+        ws = s.get("warm_start") or {}
+        # a reused warm start (--reuse-sft) counts its recorded seconds, as the demo's time box does
+        reused_s = ws.get("sft_seconds", 0.0) if ws.get("reused") else 0.0
         row.update(start=s["accuracy_before"], end=s["accuracy_after"], last3=s["accuracy_after_mean_last3"],
                    gain=s["accuracy_after_mean_last3"] - s["accuracy_before"], verdict=s.get("verdict"),
-                   wall_s=s["wall_seconds"], rl_s=s.get("rl_wall_seconds"), steps=s["steps"])
+                   wall_s=s["wall_seconds"] + reused_s, rl_s=s.get("rl_wall_seconds"), steps=s["steps"])
     return row
 
 
 def seeds_table(rows: list[dict]) -> str:
-    out = ["| seed (SFT, RL) | warm start: probe acc (SFT steps) | start (held-out) | end | mean of last 3 | "
+    out = ["| seed (SFT, RL) | warm start: probe acc (SFT steps) | start (held-out) | end (step) | mean of last 3 | "
            "gain (last 3 - start) | verdict | wall (demo total / RL) |",
            "|---|---|---|---|---|---|---|---|"]
     ok = 0
@@ -157,7 +160,7 @@ def seeds_table(rows: list[dict]) -> str:
                        f"{r.get('band_status', 'no warm start')} | - | - | - | - | not run | - |")
             continue
         ok += r["gain"] >= GOAL - 1e-9
-        out.append(f"| {r['seed']} | {r['probe']:.3f} ({r['sft_steps']}) | {r['start']:.3f} | {r['end']:.3f} | "
+        out.append(f"| {r['seed']} | {r['probe']:.3f} ({r['sft_steps']}) | {r['start']:.3f} | {r['end']:.3f} ({r['steps']}) | "
                    f"{r['last3']:.3f} | {r['gain']:+.3f} | {r['verdict']} | {r['wall_s'] / 60:.1f} / "
                    f"{(r.get('rl_s') or float('nan')) / 60:.1f} min |")
     out.append(f"\n{ok} of {len(rows)} seeds reached the goal (mean of the last 3 evaluations >= start + {GOAL}).")

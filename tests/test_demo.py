@@ -115,9 +115,10 @@ def test_time_box_minutes():
 
 
 def test_time_budget_counts_a_reused_warm_start(tmp_path, monkeypatch, capsys):
-    """--time-budget-min: the trainer gets train.exit_duration_in_mins = the budget less the time
-    spent so far, a reused warm start's recorded seconds included, less the reserve; the
-    summary records the budget; the band printed is the one the warm start was made for."""
+    """--time-budget-min (20 by default): the trainer gets train.exit_duration_in_mins = the budget
+    less the time spent so far, a reused warm start's recorded seconds included, less the reserve;
+    the summary and the last lines say the time box ended the run; the band printed is the one
+    the warm start was made for."""
     import megatron_tbrm.demo.tiny as tiny
 
     monkeypatch.setattr(tiny, "write_tiny_model", lambda *a, **k: None)
@@ -132,11 +133,12 @@ def test_time_budget_counts_a_reused_warm_start(tmp_path, monkeypatch, capsys):
         assert "megatron_tbrm.train" in cmd, "a reused warm start runs no SFT"
         train_cmds.append(cmd)
         run_dir = Path(next(x for x in cmd if x.startswith("run.dir=")).split("=", 1)[1])
-        _fake_run(run_dir.parent, [0.07, 0.1, 0.15, 0.2, 0.25, 0.3])
+        _fake_run(run_dir.parent, [0.07, 0.1, 0.15, 0.2, 0.25, 0.3])  # 10 steps
+        (run_dir / "config.json").write_text(json.dumps({"train": {"steps": 1000}}))
         return 0
 
     monkeypatch.setattr(demo, "_run", fake_run)
-    assert demo.main(["--out", str(out), "--reuse-sft", "--time-budget-min", "20", "--steps", "1000"]) == 0
+    assert demo.main(["--out", str(out), "--reuse-sft", "--steps", "1000"]) == 0
     (cmd,) = train_cmds
     minutes = float(next(x for x in cmd if x.startswith("train.exit_duration_in_mins=")).split("=", 1)[1])
     # 20 min less the warm start's 300 s and the reserve, less the few seconds the data took here
@@ -144,4 +146,15 @@ def test_time_budget_counts_a_reused_warm_start(tmp_path, monkeypatch, capsys):
     assert "train.steps=1000" in cmd
     s = json.loads((out / "summary.json").read_text())
     assert s["time_budget_min"] == 20.0 and s["warm_start"]["reused"] is True
-    assert "inside the band [0.05, 0.08]" in capsys.readouterr().out
+    assert (s["steps"], s["steps_planned"], s["stopped_by"]) == (10, 1000, "time budget")
+    printed = capsys.readouterr().out
+    assert "inside the band [0.05, 0.08]" in printed
+    assert "10 steps of 1000 (stopped by the 20-minute time budget)" in printed
+
+    train_cmds.clear()  # 0: no time box
+    assert demo.main(["--out", str(out), "--reuse-sft", "--time-budget-min", "0"]) == 0
+    assert not any(x.startswith("train.exit_duration_in_mins=") for x in train_cmds[0])
+    assert "time_budget_min" not in json.loads((out / "summary.json").read_text())
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(out), "--time-budget-min", "-1"])
+    assert "--time-budget-min must be >= 0" in capsys.readouterr().err
