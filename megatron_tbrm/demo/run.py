@@ -40,7 +40,7 @@ WARM_START_FAILED = 3  # exit status when the warm start ends outside its band
 # What a time-boxed demo spends outside the trainer's clock (train.exit_duration_in_mins counts
 # from the trainer's start): torchrun and model init before it, the step that crosses the limit,
 # the final evaluation and checkpoint, the server's shutdown, the summary and plot after it
-# (14-23 s measured on the 2-core CPU, docs/learning.md 2m).
+# (17-26 s measured on the 2-core CPU, docs/learning.md 2m).
 TIME_BUDGET_RESERVE_S = 45.0
 
 
