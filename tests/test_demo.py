@@ -146,6 +146,7 @@ def test_time_budget_counts_a_reused_warm_start(tmp_path, monkeypatch, capsys):
     assert "train.steps=1000" in cmd
     s = json.loads((out / "summary.json").read_text())
     assert s["time_budget_min"] == 20.0 and s["warm_start"]["reused"] is True
+    assert s["warm_start"]["recipe"]["band"] == [0.05, 0.08]  # not the default [0.20, 0.30]
     assert (s["steps"], s["steps_planned"], s["stopped_by"]) == (10, 1000, "time budget")
     printed = capsys.readouterr().out
     assert "inside the band [0.05, 0.08]" in printed

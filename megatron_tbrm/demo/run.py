@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ws = json.loads(sft_json.read_text())
     warm_start = {"probe_accuracy": ws["probe_accuracy"], "probe_size": ws["probe_size"], "sft_steps": ws["steps"],
                   "band": ws["band"], "band_status": ws["band_status"], "sft_seed": a.sft_seed,
-                  "sft_seconds": round(ws["seconds"], 1), "reused": bool(reused), "recipe": dataclasses.asdict(WS)}
+                  "sft_seconds": round(ws["seconds"], 1), "reused": bool(reused),
+                  # the schedule this command line gives and the band the warm start was made for
+                  "recipe": dataclasses.asdict(dataclasses.replace(WS, steps=a.sft_steps, band=tuple(ws["band"])))}
     lo, hi = ws["band"]  # with --reuse-sft, the band the warm start was made for, not --sft-band's
     if ws["band_status"] != "in_band":
         print(f"\n[demo] STOP: the warm start failed ({ws['band_status']}): held-out probe greedy accuracy "
