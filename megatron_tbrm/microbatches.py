@@ -2,7 +2,7 @@
 
 - fixed rows (`train.max_tokens_per_microbatch` null): `train.micro_batch_size` rows each,
   every row right-padded to the step's longest; a multiple of DP x rows is kept (the rest of
-  the batch, from its end, is dropped).
+  the batch, from its end, is dropped); DP rank r takes trajectories r, r + DP, r + 2 DP, ...
 - token budget (`max_tokens_per_microbatch` B): trajectories sorted by length, each
   micro-batch's rows padded to its own longest, rows x padded length <= B.
 - packed (B and `train.pack_sequences`): each micro-batch is ONE row [1, T], T <= B, holding
@@ -52,6 +52,7 @@ class StepMicrobatches:
     trajectories: int  # trained this step, all DP ranks (every rank computes the same plan)
     real_tokens: int  # their prompt + response tokens
     computed_tokens: int  # the positions the model runs, padding included
+    indices: list[list[int]]  # per micro-batch: the batch indices of its trajectories, in row / segment order
 
     @property
     def real_token_fraction(self) -> float:
@@ -167,37 +168,50 @@ def pack(samples: Sequence["Sample"], pad_id: int, version: int = 0) -> Microbat
     """Trajectories end to end in one row [1, T], T = their total rounded up to PAD_MULTIPLE.
 
     Row tensors [1, T]: tokens, labels (int64, pad_id after the last trajectory), loss_mask,
-    rollout_logprobs (fp32, 0 there), position_ids (restarting at 0 per trajectory and for the
-    padding), sequence_ids (int64: the trajectory's index, -1 on the padding). cu_seqlens
+    rollout_logprobs (fp32, 0 there; ref_logprobs too when every sample carries them),
+    position_ids (restarting at 0 per trajectory and for the padding), sequence_ids (int64: the trajectory's index, -1 on the padding). cu_seqlens
     (int32 [k + 1], or [k + 2] with the padding as a last segment: THD's cumulative lengths end
     at T) and max_seqlen (int64 scalar). Per trajectory [k] fp32: rewards, advantages,
     on_policy (as rollout.batch.collate)."""
+    from .rollout.batch import all_ref_logprobs
+
     total = sum(len(s.tokens) for s in samples)
     seq = round_up(total)
-    row: dict[str, list] = {"tokens": [], "labels": [], "loss_mask": [], "rollout_logprobs": [], "position_ids": [],
-                            "sequence_ids": []}
+    per_position = ["tokens", "labels", "loss_mask", "rollout_logprobs"]
+    if all_ref_logprobs(samples):
+        per_position.append("ref_logprobs")
+    floats = ("loss_mask", "rollout_logprobs", "ref_logprobs")
+    row: dict[str, list] = {k: [] for k in per_position + ["position_ids", "sequence_ids"]}
     lengths = []
     for i, s in enumerate(samples):
         n = len(s.tokens)
         lengths.append(n)
-        for key in ("tokens", "labels", "loss_mask", "rollout_logprobs"):
+        for key in per_position:
             row[key] += getattr(s, key)
         row["position_ids"] += range(n)
         row["sequence_ids"] += [i] * n
     if seq > total:  # the padding: a segment of its own, outside every trajectory
         lengths.append(seq - total)
-        for key, fill in (("tokens", pad_id), ("labels", pad_id), ("loss_mask", 0.0), ("rollout_logprobs", 0.0),
-                          ("sequence_ids", -1)):
-            row[key] += [fill] * (seq - total)
+        for key in per_position + ["sequence_ids"]:
+            row[key] += [-1 if key == "sequence_ids" else 0.0 if key in floats else pad_id] * (seq - total)
         row["position_ids"] += range(seq - total)
-    out = {k: torch.tensor([v], dtype=torch.float32 if k in ("loss_mask", "rollout_logprobs") else torch.long)
-           for k, v in row.items()}
+    out = {k: torch.tensor([v], dtype=torch.float32 if k in floats else torch.long) for k, v in row.items()}
     out["cu_seqlens"] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     out["max_seqlen"] = torch.tensor(max(lengths))
     out["rewards"] = torch.tensor([s.reward for s in samples], dtype=torch.float32)
     out["advantages"] = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
     out["on_policy"] = torch.tensor([s.on_policy(version) for s in samples], dtype=torch.float32)
     return out
+
+
+def per_trajectory(t: torch.Tensor, mb: Microbatch, lengths: Sequence[int]) -> list[list[float]]:
+    """A per-position tensor of micro-batch `mb` ([B, S] padded rows, or [1, T] packed) back as
+    one list per trajectory, `lengths[k]` positions for its k-th (rows in order, or the
+    `cu_seqlens` segments of a packed row): the inverse of collate / pack for that key."""
+    if "cu_seqlens" in mb:
+        starts = mb["cu_seqlens"].tolist()
+        return [t[0, starts[k]:starts[k] + n].tolist() for k, n in enumerate(lengths)]
+    return [t[k, :n].tolist() for k, n in enumerate(lengths)]
 
 
 def packed_seq_params(mb: Microbatch):
@@ -221,7 +235,6 @@ def build_microbatches(samples: Sequence["Sample"], pad_id: int, version: int, d
     docstring). `version`: the policy's optimizer step (on_policy). `multiple`: micro-batches
     per rank must be a multiple of it (PP with interleaving). Raises ValueError when there are
     too few samples for one micro-batch per rank."""
-    from .engine import split_microbatches
     from .rollout.batch import collate
 
     if max_tokens is None:
@@ -231,13 +244,15 @@ def build_microbatches(samples: Sequence["Sample"], pad_id: int, version: int, d
             raise ValueError(f"{len(samples)} trajectories are too few for {multiple} micro-batch(es) of "
                              f"{micro_batch_size} rows on each of {dp_size} data-parallel rank(s)")
         seq = round_up(max(len(s.tokens) for s in samples))
-        per = kept // dp_size
-        mine = samples[dp_rank * per:(dp_rank + 1) * per]
-        return StepMicrobatches(split_microbatches(collate(mine, pad_id, seq, version=version), micro_batch_size),
-                                kept, sum(len(s.tokens) for s in samples[:kept]), kept * seq)
+        # Strided, so every rank gets its share of each part of the batch (fresh, then file, then
+        # replayed samples): replayed ones skip the reference forward, and the ranks stay even.
+        index = list(range(dp_rank, kept, dp_size))
+        indices = [index[i:i + micro_batch_size] for i in range(0, len(index), micro_batch_size)]
+        mbs = [collate([samples[i] for i in b], pad_id, seq, version=version) for b in indices]
+        return StepMicrobatches(mbs, kept, sum(len(s.tokens) for s in samples[:kept]), kept * seq, indices)
     lengths = [len(s.tokens) for s in samples]
     bins, kept = plan_bins(lengths, max_tokens, pack_sequences, dp_size, multiple)
     mine = [[samples[i] for i in b] for b in bins[dp_rank]]
     mbs = [pack(b, pad_id, version) if pack_sequences else collate(b, pad_id, 0, version=version) for b in mine]
     computed = sum(bin_tokens([lengths[i] for i in b], pack_sequences) for rank in bins for b in rank)
-    return StepMicrobatches(mbs, kept, sum(lengths[:kept]), computed)
+    return StepMicrobatches(mbs, kept, sum(lengths[:kept]), computed, bins[dp_rank])

@@ -175,13 +175,16 @@ class Trainer:
         if self.step == 0:
             self.algorithm.on_first_batch(self.ref, mbs, self.ps)
         t_ref = time.perf_counter()
-        self._attach_ref_logprobs(mbs)
+        computed = self._attach_ref_logprobs(mbs)
+        ref_reused = self._share_ref_logprobs(step_mbs, computed, batch.samples)
         t_train = time.perf_counter()
         metrics = self._update(mbs)
         t_sync = time.perf_counter()
         sync = self.push_weights(self.step + 1)
         t_end = time.perf_counter()
         metrics.update(batch.metrics)
+        if ref_reused is not None:
+            metrics["ref_reused"] = ref_reused
         if "replay_samples" in batch.metrics:  # trained ones: replayed samples are last, dropped first
             dropped = len(batch.samples) - step_mbs.trajectories
             metrics["replay_samples"] = max(0.0, batch.metrics["replay_samples"] - dropped)
@@ -274,8 +277,11 @@ class Trainer:
         except ValueError as e:
             raise TrainingStopped(f"step {self.step}: too few non-empty trajectories: {e}") from None
 
-    def _attach_ref_logprobs(self, microbatches: list[dict]) -> None:
-        """Frozen-reference log-probs of the labels, as mb["ref_logprobs"] (last stage)."""
+    def _attach_ref_logprobs(self, microbatches: list[dict]) -> list[int]:
+        """Frozen-reference log-probs of the labels, as mb["ref_logprobs"] (last stage), for the
+        micro-batches that do not carry them yet (those whose every trajectory is a replayed one
+        with its reference log-probs from an earlier step: rollout.batch.collate). Returns the
+        positions of the micro-batches it computed."""
         from .vocab_parallel import vocab_parallel_logprob
 
         def collect(mb, logits):
@@ -283,12 +289,43 @@ class Trainer:
                                            mask=mb["loss_mask"].bool())
             return lp
 
+        todo = [j for j, mb in enumerate(microbatches) if "ref_logprobs" not in mb]  # the same on every stage
+        if not todo:
+            return todo
         self.ref.offload(False)
-        out = self.ref.run(microbatches, collect, forward_only=True, collect=True)
+        out = self.ref.run([microbatches[j] for j in todo], collect, forward_only=True, collect=True)
         self.ref.offload(self.cfg.train.ref_offload)
         if self.ps.is_last_stage:
-            for mb, lp in zip(microbatches, out):
-                mb["ref_logprobs"] = lp.float()
+            for j, lp in zip(todo, out):
+                microbatches[j]["ref_logprobs"] = lp.float()
+        return todo
+
+    def _share_ref_logprobs(self, step_mbs, computed: list[int], samples: list) -> Optional[float]:
+        """With data.replay: the reference log-probs computed this step go to rank 0, which keeps
+        them on its samples (replay.add stores them with this step's fresh ones), so a replayed
+        trajectory needs no reference forward again (exact: pi_ref is frozen). Returns, on rank
+        0, the fraction of the step's trained trajectories that reused them (None elsewhere and
+        without replay). Every rank takes part (one gather_object of lists of floats)."""
+        if not self.cfg.data.replay.per_step or self.ps.cp_size > 1:  # (context parallel: partial rows)
+            return None
+        from .microbatches import per_trajectory
+
+        mine: dict[int, list[float]] = {}
+        if self.ps.is_last_stage and self.ps.tp_rank == 0:
+            for j in computed:
+                mb, idx = step_mbs.microbatches[j], step_mbs.indices[j]
+                values = per_trajectory(mb["ref_logprobs"] * mb["loss_mask"], mb, [len(samples[i].tokens) for i in idx])
+                mine.update(zip(idx, values))
+        gathered: list = [None] * self.ps.world_size if self.is_main else []
+        dist.gather_object(mine, gathered if self.is_main else None, dst=0)
+        if not self.is_main:
+            return None
+        computed = 0
+        for part in gathered:
+            for i, lp in part.items():
+                samples[i].ref_logprobs = lp
+            computed += len(part)
+        return 1.0 - computed / step_mbs.trajectories
 
     def loss_fn(self):
         """The algorithm's loss plus the train/rollout consistency metric `logprob_gap`:

@@ -163,3 +163,46 @@ def test_build_keeps_every_trajectory_and_counts_tokens():
         assert all(mb["tokens"].numel() <= 64 for s in step for mb in s.microbatches)
     with pytest.raises(ValueError, match="too few"):
         build_microbatches(samples[:3], 0, 0, dp_size=2, dp_rank=0, micro_batch_size=2)
+
+
+def test_fixed_rows_are_dealt_strided_and_indices_name_each_row():
+    """DP rank r trains trajectories r, r + DP, ...: each rank gets its share of fresh and of
+    replayed samples (replayed ones last in the batch), and `indices` says which row is which."""
+    samples = [sample([1, 2], [10 + i] * (1 + i % 3), 1.0) for i in range(10)]
+    for r in range(2):
+        step = build_microbatches(samples, 0, 0, dp_size=2, dp_rank=r, micro_batch_size=2)
+        assert step.trajectories == 8  # 10 // 4 * 4: the last two dropped
+        assert step.indices == [[r, r + 2], [r + 4, r + 6]]
+        for mb, idx in zip(step.microbatches, step.indices):
+            assert [int(row[2]) for row in mb["tokens"]] == [10 + i for i in idx]
+
+
+def _with_ref(s: Sample, value: float) -> Sample:
+    s.ref_logprobs = [value * m for m in s.loss_mask]
+    return s
+
+
+@pytest.mark.parametrize("pack_sequences", [False, True])
+def test_reference_logprobs_ride_along_only_when_every_row_has_them(pack_sequences):
+    """A micro-batch whose every trajectory carries reference log-probs gets them as
+    `ref_logprobs` at the loss positions (the trainer then skips its reference forward); one
+    without them anywhere gets none; per_trajectory gives each trajectory's values back."""
+    from megatron_tbrm.microbatches import per_trajectory
+
+    cached = [_with_ref(sample([1, 2, 3], [4] * (20 + i), 1.0), -0.5 - i) for i in range(4)]
+    fresh = [sample([1, 2], [5] * 3, 0.0) for _ in range(4)]
+    kw = dict(max_tokens=56, pack_sequences=True) if pack_sequences else {}
+    step = build_microbatches(fresh + cached, 0, 0, dp_size=1, dp_rank=0, micro_batch_size=4, **kw)
+    flags = {tuple(idx): "ref_logprobs" in mb for mb, idx in zip(step.microbatches, step.indices)}
+    batch = fresh + cached
+    for mb, idx in zip(step.microbatches, step.indices):
+        has = all(batch[i].ref_logprobs is not None for i in idx)
+        assert ("ref_logprobs" in mb) == has, flags
+        if has:
+            got = per_trajectory(mb["ref_logprobs"], mb, [len(batch[i].tokens) for i in idx])
+            assert got == [batch[i].ref_logprobs for i in idx]
+            assert torch.equal(mb["ref_logprobs"] != 0, mb["loss_mask"].bool())  # where the loss reads them
+    if not pack_sequences:  # fixed rows: fresh first, so the second micro-batch is all replayed
+        assert list(flags.values()) == [False, True]
+    else:  # the planner mixes lengths: here one packed row holds only cached trajectories
+        assert any(flags.values()) and not all(flags.values()), flags

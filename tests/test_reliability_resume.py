@@ -140,7 +140,8 @@ def test_replay_sigkill_then_resume_reproduces_uninterrupted(tmp_path, tiny_mode
     """data.replay (issue 15): from step 2 on, every batch holds 4 trajectories replayed from
     earlier steps. SIGKILL after step 2, --resume: the checkpoint held the buffer and its
     generator (rank 0's replay.pt), so every step trains on what an uninterrupted run trains on
-    (the same metrics), and the last checkpoints hold the same buffer."""
+    (the same metrics), and the last checkpoints hold the same buffer, with the reference
+    log-probs of each trajectory (reused instead of a reference forward) equal to pi_ref's."""
     args = ("train.steps=5", "checkpoint.save_every=1", "data.replay.size=12", "data.replay.per_step=4",
             "data.replay.successes_only=false", f"rollout.server_url={shared.url}")  # (the tiny model gets no reward)
     crash_dir = tmp_path / "crash"
@@ -164,6 +165,10 @@ def test_replay_sigkill_then_resume_reproduces_uninterrupted(tmp_path, tiny_mode
     assert [expected[t]["replay_samples"] for t in range(1, 6)] == [0.0, 4.0, 4.0, 4.0, 4.0]
     assert [expected[t]["trajectories"] for t in range(1, 6)] == [8.0, 12.0, 12.0, 12.0, 12.0]
     assert [expected[t]["replay_buffer"] for t in range(1, 6)] == [8.0, 12.0, 12.0, 12.0, 12.0]
+    # Rank r trains rows r, r+2, ... in micro-batches of 2: the 4 replayed rows (8-11) fill one
+    # micro-batch per rank, and those two take their reference log-probs from the buffer.
+    assert [expected[t]["ref_reused"] for t in range(1, 6)] == [0.0] + [pytest.approx(4 / 12)] * 4
+    assert [got[t]["ref_reused"] for t in (3, 4, 5)] == [pytest.approx(4 / 12)] * 3  # kept through the resume
     for step in (3, 4, 5):  # the steps after the resume
         for k in COMPARE:
             assert got[step][k] == pytest.approx(expected[step][k], rel=1e-5, abs=1e-5), (step, k)
@@ -176,6 +181,19 @@ def test_replay_sigkill_then_resume_reproduces_uninterrupted(tmp_path, tiny_mode
         assert torch.equal(h["tokens"], w["tokens"]) and h["reward"] == w["reward"]
         assert (h["prompt_index"], h["policy_version"]) == (w["prompt_index"], w["policy_version"])
         assert torch.allclose(h["logprobs"], w["logprobs"], atol=1e-5)  # the sampler's, two servers' runs
+        assert torch.allclose(h["ref_logprobs"], w["ref_logprobs"], atol=1e-5)
+    # The reference log-probs the buffer keeps (what replayed rows train with) are pi_ref's:
+    # against the HF model the trainer started from, in fp64 over the full vocabulary.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    for row in have["samples"]:
+        tokens, n = row["tokens"], row["prompt_len"]
+        with torch.no_grad():
+            lp = hf(tokens[None]).logits[0].log_softmax(-1)
+        want_lp = lp[n - 1:-1].gather(-1, tokens[n:, None])[:, 0]
+        assert row["ref_logprobs"].shape == want_lp.shape
+        assert torch.allclose(row["ref_logprobs"].double(), want_lp, atol=1e-4), (row["ref_logprobs"], want_lp)
     assert not (left := resumed.leftovers() + ref.leftovers()), describe(left)
 
 

@@ -56,12 +56,16 @@ def test_draws_without_replacement_and_tops_up_with_extra():
 def test_saved_state_through_a_file_draws_what_the_uninterrupted_buffer_draws(tmp_path):
     a = ReplayBuffer(size=8, per_step=3, seed=5)
     for step in range(4):
-        a.add([_sample(step * 4 + k, float(k % 2)) for k in range(4)])
+        new = [_sample(step * 4 + k, float(k % 2)) for k in range(4)]
+        for s in new[2:]:  # reference log-probs as the trainer sets them (exact in fp32); the rest have none
+            s.ref_logprobs = [-0.25 * (j + 1) * m for j, m in enumerate(s.loss_mask)]
+        a.add(new)
         a.draw()
+    assert {s.ref_logprobs is None for s in a.samples} == {True, False}
     torch.save(a.state_dict(), tmp_path / "replay.pt")  # as the checkpoint stores it
     b = ReplayBuffer(size=8, per_step=3, seed=0)  # another seed: only the loaded state decides
     b.load_state_dict(torch.load(tmp_path / "replay.pt", weights_only=False))
-    assert list(b.samples) == list(a.samples)  # every field rebuilt: tokens, labels, mask, log-probs, versions
+    assert list(b.samples) == list(a.samples)  # every field rebuilt: tokens, labels, mask, both log-probs, versions
     for step in range(3):
         new = [_sample(100 + step, 1.0)]
         a.add(new)

@@ -11,6 +11,9 @@ Why: from a weak start (5-8% of rollouts right) a step holds 3-5 successes, too 
 update to move the policy towards them before the next batches pull elsewhere; each success
 replayed several times next to different batches does (docs/learning.md, section 2g).
 
+A held trajectory keeps the frozen reference's log-probs the trainer computed for it in its
+first step (train.py: `_share_ref_logprobs`), so replaying it costs no reference forward.
+
 Rank 0 only (it makes the batches); the buffer and its generator go into checkpoints
 (`state_dict`: a file of rank 0's, not extra.json), so a resumed run draws what the
 uninterrupted one would have.
@@ -56,15 +59,17 @@ class ReplayBuffer:
         return [dataclasses.replace(self.samples[i]) for i in self.rng.sample(range(len(self.samples)), n)]
 
     def state_dict(self) -> dict:
-        """The held trajectories, compact (prompt and response ids, the sampler's log-probs of the
-        response, reward, prompt index, versions: what Sample.from_ids rebuilds the rest from) and
-        the generator's state; for torch.save."""
+        """The held trajectories, compact (prompt and response ids, the sampler's and the
+        reference's log-probs of the response, reward, prompt index, versions: what
+        Sample.from_ids rebuilds the rest from) and the generator's state; for torch.save."""
         rows = []
         for s in self.samples:
             start = s.loss_mask.index(1.0)  # the last prompt position
             end = start + int(sum(s.loss_mask))
             rows.append({"tokens": torch.tensor(s.tokens, dtype=torch.int64), "prompt_len": start + 1,
                          "logprobs": torch.tensor(s.rollout_logprobs[start:end], dtype=torch.float64),
+                         "ref_logprobs": (None if s.ref_logprobs is None
+                                          else torch.tensor(s.ref_logprobs[start:end], dtype=torch.float32)),
                          "reward": s.reward, "prompt_index": s.prompt_index, "pad_id": s.labels[-1],
                          "policy_version": s.policy_version, "policy_version_end": s.policy_version_end})
         return {"samples": rows, "rng": self.rng.getstate()}
@@ -80,4 +85,7 @@ def _sample(row: dict) -> Sample:
                                                row["prompt_index"], row["pad_id"], row["policy_version"],
                                                row["policy_version_end"])
     assert sample is not None  # a held sample has a response
+    if row.get("ref_logprobs") is not None:  # (absent in buffers saved before they were kept)
+        sample.ref_logprobs = [0.0] * len(tokens)
+        sample.ref_logprobs[n - 1:n - 1 + len(row["ref_logprobs"])] = row["ref_logprobs"].tolist()
     return sample

@@ -25,6 +25,9 @@ class Sample:
     rollout_logprobs: the sampler's log pi(a_h|s_h) at those positions, 0.0 elsewhere
     (behaviour-policy log-probs: GRPO's ratio denominator and the train/rollout consistency
     check). advantage: GRPO's, filled by `algorithms.GRPO.prepare`; unused by TBRM.
+    ref_logprobs: the frozen reference's log pi_ref(a_h|s_h) at the loss-mask positions (0.0
+    elsewhere), once the trainer has computed them (None before): the reference never changes,
+    so a replayed sample (data.replay) reuses them instead of another reference forward.
     policy_version / policy_version_end: the optimizer step count of the weights the server held
     when the sample's rollout started / ended (equal unless a push landed in between; -1: not
     known, e.g. a trajectory file without versions).
@@ -39,6 +42,7 @@ class Sample:
     advantage: float = 0.0
     policy_version: int = 0
     policy_version_end: int = 0
+    ref_logprobs: Optional[list[float]] = None
 
     def on_policy(self, version: int) -> float:
         """1.0 when the weights of optimizer step `version` (the policy being trained)
@@ -107,11 +111,20 @@ def collate(samples: Sequence[Sample], pad_id: int, seq_len: int, version: int =
     (causal attention needs no mask):
     tokens, labels (int64, pad_id), loss_mask, rollout_logprobs (fp32, 0), position_ids, and
     rewards, advantages, on_policy [B] fp32 (on_policy: 1 for samples generated from start to
-    end by the weights of optimizer step `version`, the policy being trained)."""
+    end by the weights of optimizer step `version`, the policy being trained); ref_logprobs
+    (fp32, 0) too when every sample carries them (the trainer then skips the reference forward)."""
     from ..engine import pad_batch
 
     rows = [{"tokens": s.tokens, "labels": s.labels, "loss_mask": s.loss_mask,
              "rollout_logprobs": s.rollout_logprobs, "rewards": s.reward, "advantages": s.advantage,
              "on_policy": s.on_policy(version)}
             for s in samples]
+    if all_ref_logprobs(samples):
+        for row, s in zip(rows, samples):
+            row["ref_logprobs"] = s.ref_logprobs
     return pad_batch(rows, pad_id, seq_len=seq_len)
+
+
+def all_ref_logprobs(samples: Sequence[Sample]) -> bool:
+    """Every sample carries its reference log-probs (a micro-batch of them needs no reference forward)."""
+    return bool(samples) and all(s.ref_logprobs is not None for s in samples)
