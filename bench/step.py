@@ -193,13 +193,13 @@ class CpuSampler:
         return (last[0] - first[0]) / (last[1] - first[1])
 
 
-def run_logged(cmd: list[str], log: Path, what: str, env: dict | None = None) -> str:
-    """Run `cmd` (with `env` added to the environment) with its output in `log` (kept); on failure
-    exit showing why: every rank's traceback and the vLLM server's own error, not only the
-    launcher's last lines."""
+def run_logged(cmd: list[str], log: Path, what: str, env: dict | None = None, cwd: Path = REPO) -> str:
+    """Run `cmd` in `cwd` (with `env` added to the environment) with its output in `log` (kept);
+    on failure exit showing why: every rank's traceback and the vLLM server's own error, not
+    only the launcher's last lines."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+        rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
                             env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))).returncode
     text = log.read_text(errors="replace")
     if rc:
