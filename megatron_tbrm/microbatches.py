@@ -171,8 +171,8 @@ def pack(samples: Sequence["Sample"], pad_id: int, version: int = 0) -> Microbat
     rollout_logprobs (fp32, 0 there; ref_logprobs too when every sample carries them),
     position_ids (restarting at 0 per trajectory and for the padding), sequence_ids (int64: the
     trajectory's index, -1 on the padding). cu_seqlens (int32 [k + 1], or [k + 2] with the
-    padding as a last segment: THD's cumulative lengths end at T) and max_seqlen (int64 scalar). Per trajectory [k] fp32: rewards, advantages,
-    on_policy (as rollout.batch.collate)."""
+    padding as a last segment: THD's cumulative lengths end at T) and max_seqlen (int64
+    scalar). Per trajectory [k] fp32: rewards, advantages, on_policy (as rollout.batch.collate)."""
     from .rollout.batch import all_ref_logprobs
 
     total = sum(len(s.tokens) for s in samples)
