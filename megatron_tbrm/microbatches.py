@@ -180,6 +180,7 @@ def pack(samples: Sequence["Sample"], pad_id: int, version: int = 0) -> Microbat
     per_position = ["tokens", "labels", "loss_mask", "rollout_logprobs"]
     if all_ref_logprobs(samples):
         per_position.append("ref_logprobs")
+    fill = {"tokens": pad_id, "labels": pad_id, "sequence_ids": -1}  # the padding's; 0.0 for the float keys
     floats = ("loss_mask", "rollout_logprobs", "ref_logprobs")
     row: dict[str, list] = {k: [] for k in per_position + ["position_ids", "sequence_ids"]}
     lengths = []
@@ -193,7 +194,7 @@ def pack(samples: Sequence["Sample"], pad_id: int, version: int = 0) -> Microbat
     if seq > total:  # the padding: a segment of its own, outside every trajectory
         lengths.append(seq - total)
         for key in per_position + ["sequence_ids"]:
-            row[key] += [-1 if key == "sequence_ids" else 0.0 if key in floats else pad_id] * (seq - total)
+            row[key] += [fill.get(key, 0.0)] * (seq - total)
         row["position_ids"] += range(seq - total)
     out = {k: torch.tensor([v], dtype=torch.float32 if k in floats else torch.long) for k, v in row.items()}
     out["cu_seqlens"] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)

@@ -320,12 +320,10 @@ class Trainer:
         dist.gather_object(mine, gathered if self.is_main else None, dst=0)
         if not self.is_main:
             return None
-        computed = 0
         for part in gathered:
             for i, lp in part.items():
                 samples[i].ref_logprobs = lp
-            computed += len(part)
-        return 1.0 - computed / step_mbs.trajectories
+        return 1.0 - sum(len(part) for part in gathered) / step_mbs.trajectories
 
     def loss_fn(self):
         """The algorithm's loss plus the train/rollout consistency metric `logprob_gap`:
