@@ -278,6 +278,23 @@ def layer_spec(cfg: ModelConfig):
     return spec
 
 
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter of `model` in `dtype`, buffers untouched.
+
+    The local spec's norms are torch norms that megatron-core builds without params_dtype, so in
+    a bf16/fp16 model their weights stay fp32 (Transformer Engine's norms follow params_dtype).
+    The distributed optimizer then holds a parameter group mixing fp32 and 16-bit parameters and
+    its checkpoint save indexes the group's main parameters in the wrong order (a size mismatch
+    in `get_parameter_state_dp_zero`, megatron-core 0.16). Megatron-LM avoids it by wrapping the
+    model in Float16Module (`module.bfloat16()`); here only the parameters are cast, so buffers
+    keep their dtype and the logits are not converted to fp32 in full (vocab_parallel.py upcasts
+    them in chunks).
+    """
+    for p in model.parameters():
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def build_model(
     cfg: ModelConfig,
     *,
@@ -326,6 +343,7 @@ def build_model(
             vp_stage=stage,
         )
         model.to(device)
+        _cast_parameters(model, DTYPES[cfg.dtype])
         chunks.append(model)
     if wrap_ddp:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

@@ -12,6 +12,7 @@ out for the test process to compare.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 
 import torch
@@ -153,11 +154,12 @@ def main() -> None:
     ap.add_argument("--load", default=None, help="only load this checkpoint and report the weights")
     ap.add_argument("--resume", default=None, help="load weights+optimizer+scheduler, then run the remaining steps")
     ap.add_argument("--adam-eps", type=float, default=1e-8)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
     ps = init_distributed(tp=a.tp, pp=a.pp, vpp=a.vpp, seed=1)
-    cfg = ModelConfig.from_hf(HF)
+    cfg = dataclasses.replace(ModelConfig.from_hf(HF), dtype=a.dtype)
     # Warmup, decay and weight decay so a resume must restore the schedule and Adam state exactly.
     eng = Engine(cfg, OptimSettings(lr=1e-2, clip_grad=0.0, distributed_optimizer=True, total_steps=10,
                                     warmup_steps=2, decay="cosine", weight_decay=0.1,
@@ -165,7 +167,7 @@ def main() -> None:
     init_weights(eng.chunks, ps.tp_size, ps.tp_rank)
     eng.optimizer.reload_model_params()  # fp32 main copies follow the re-initialised weights
 
-    result: dict = {}
+    result: dict = {"dtypes": sorted({str(p.dtype) for c in eng.chunks for p in c.parameters()})}
     if a.load:
         load_checkpoint(a.load, eng.chunks)
         result["params"] = gather_full(eng.chunks, "data")
