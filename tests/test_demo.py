@@ -134,7 +134,10 @@ def test_time_budget_counts_a_reused_warm_start(tmp_path, monkeypatch, capsys):
         train_cmds.append(cmd)
         run_dir = Path(next(x for x in cmd if x.startswith("run.dir=")).split("=", 1)[1])
         _fake_run(run_dir.parent, [0.07, 0.1, 0.15, 0.2, 0.25, 0.3])  # 10 steps
-        (run_dir / "config.json").write_text(json.dumps({"train": {"steps": 1000}}))
+        dtype = next(x for x in cmd if x.startswith("model.dtype=")).split("=", 1)[1]
+        assert f"rollout.dtype={dtype}" in cmd
+        (run_dir / "config.json").write_text(json.dumps({"train": {"steps": 1000}, "model": {"dtype": dtype},
+                                                         "rollout": {"dtype": dtype}}))
         return 0
 
     monkeypatch.setattr(demo, "_run", fake_run)
@@ -152,10 +155,27 @@ def test_time_budget_counts_a_reused_warm_start(tmp_path, monkeypatch, capsys):
     assert "inside the band [0.05, 0.08]" in printed
     assert "10 steps of 1000 (stopped by the 20-minute time budget)" in printed
 
+    auto = demo.demo_dtype("auto")  # this machine's answer
+    assert s["dtype"] == {"trainer": auto, "rollout": auto}
+
     train_cmds.clear()  # 0: no time box
-    assert demo.main(["--out", str(out), "--reuse-sft", "--time-budget-min", "0"]) == 0
+    assert demo.main(["--out", str(out), "--reuse-sft", "--time-budget-min", "0", "--dtype", "fp32"]) == 0
+    assert "model.dtype=fp32" in train_cmds[0] and "rollout.dtype=fp32" in train_cmds[0]
     assert not any(x.startswith("train.exit_duration_in_mins=") for x in train_cmds[0])
     assert "time_budget_min" not in json.loads((out / "summary.json").read_text())
     with pytest.raises(SystemExit):
         demo.main(["--out", str(out), "--time-budget-min", "-1"])
     assert "--time-budget-min must be >= 0" in capsys.readouterr().err
+
+
+def test_auto_dtype_is_bf16_only_with_native_bf16_matmuls(monkeypatch):
+    """--dtype auto: bf16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), fp32 where
+    it would be emulated (slower than fp32); an explicit choice is kept. The CPU's flags are
+    patched: the machine running the test has one answer."""
+    import torch
+
+    for avx512_bf16, amx, want in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert demo.demo_dtype("auto") == want
+        assert demo.demo_dtype("fp32") == "fp32" and demo.demo_dtype("bf16") == "bf16"
