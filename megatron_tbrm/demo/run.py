@@ -77,7 +77,7 @@ def demo_dtype(choice: str) -> str:
 
     `choice` "fp32" or "bf16" is returned as is; "auto" gives bf16 where the CPU multiplies bf16
     natively (AVX512-BF16 or AMX: on this project's 2-core CPU a matmul of the tiny model's
-    shapes runs 2.3x fp32's rate and the demo's step ~0.7x, docs/learning.md 2o) and fp32
+    shapes runs 2.35x fp32's rate and the demo's step 0.69x, docs/learning.md 2o) and fp32
     elsewhere, where bf16 is emulated and slower than fp32."""
     if choice != "auto":
         return choice
