@@ -17,6 +17,7 @@ import pty
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,13 +61,24 @@ def _wandb_history(run_dir: Path) -> list[dict]:
 
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    rows = []
-    for raw in _leveldb_records(files[0]):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
-        if rec.WhichOneof("record_type") == "history":
-            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
-    return rows
+    # A complete run file ends with the "exit" record. Once (2026-12-07, a fresh-clone `make test`
+    # beside a learning run) the file read right after wandb.finish() held no history at all;
+    # whether wandb's writer was still behind is not known, so wait for the exit record and name
+    # the record types seen if it never comes.
+    deadline = time.monotonic() + 60.0
+    while True:
+        records = []
+        for raw in _leveldb_records(files[0]):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            records.append(rec)
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "exit" in kinds, f"{files[0]}: no exit record after 60 s; records: {kinds}"
+    return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+            for r, kind in zip(records, kinds) if kind == "history"]
 
 
 def test_same_metric_names_in_jsonl_tensorboard_and_wandb(tmp_path, monkeypatch):
