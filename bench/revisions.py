@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -34,11 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from step import run_logged  # noqa: E402
+from step import abba_step_times, run_logged  # noqa: E402
 
 from megatron_tbrm.ports import torchrun_command  # noqa: E402
 
-PARTS = ("step_s", "rollout_s", "ref_s", "train_s", "sync_s")
 SKIP = 20
 
 
@@ -85,20 +83,9 @@ def main() -> None:
     if a.repeats < 2 or a.repeats % 2 or a.steps <= SKIP:
         raise SystemExit(f"--repeats must be even and >= 2 (got {a.repeats}); --steps > {SKIP} (got {a.steps})")
     base = worktree(a.base, a.work / "base_tree")
-    order = ["base", "head", "head", "base"] * (a.repeats // 2)
-    per: dict[str, list[dict]] = {"base": [], "head": []}
-    print(f"{'run':<8}" + "".join(f"{p:>11}" for p in PARTS) + f"{'loss step 1':>14}")
-    for i, which in enumerate(order):
-        rows = run(base if which == "base" else REPO, a.demo, a.from_step, a.steps, a.seed,
-                   a.work / f"{i}_{which}", a.overrides)
-        med = {p: statistics.median(r[p] for r in rows[SKIP:]) for p in PARTS}
-        per[which].append(med)
-        print(f"{which:<8}" + "".join(f"{med[p]:>11.3f}" for p in PARTS) + f"{rows[0]['loss']:>14.5f}", flush=True)
-    mean = {w: {p: statistics.mean(m[p] for m in per[w]) for p in PARTS} for w in per}
-    for w in ("base", "head"):
-        print(f"{w + ' mean':<8}" + "".join(f"{mean[w][p]:>11.3f}" for p in PARTS))
-    print(f"{'head/base':<8}" + "".join(f"{mean['head'][p] / mean['base'][p]:>10.2f}x" for p in PARTS))
-
+    abba_step_times({"base": lambda i: run(base, a.demo, a.from_step, a.steps, a.seed, a.work / f"{i}_base", a.overrides),
+                     "head": lambda i: run(REPO, a.demo, a.from_step, a.steps, a.seed, a.work / f"{i}_head", a.overrides)},
+                    a.repeats, SKIP)
 
 if __name__ == "__main__":
     main()

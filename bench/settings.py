@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from step import run_logged, train_command  # noqa: E402
-
-PARTS = ("step_s", "rollout_s", "ref_s", "train_s", "sync_s")
+from step import abba_step_times, run_logged, train_command  # noqa: E402
 
 
 def run(demo: Path, steps: int, seed: int, run_dir: Path, overrides: list[str]) -> list[dict]:
@@ -65,19 +62,9 @@ def main() -> None:
     arms = {"A": a.a, "B": a.b}
     for name, over in arms.items():
         print(f"{name}: {' '.join(over) or '(the recipe)'}")
-    order = ["A", "B", "B", "A"] * (a.repeats // 2)
-    per: dict[str, list[dict]] = {"A": [], "B": []}
-    print(f"{'run':<8}" + "".join(f"{p:>11}" for p in PARTS) + f"{'loss step 1':>14}")
-    for i, arm in enumerate(order):
-        rows = run(demo, a.steps, a.seed, a.work.resolve() / f"{i}_{arm}", arms[arm])
-        med = {p: statistics.median(r[p] for r in rows[a.skip:]) for p in PARTS}
-        per[arm].append(med)
-        print(f"{arm:<8}" + "".join(f"{med[p]:>11.3f}" for p in PARTS) + f"{rows[0]['loss']:>14.5f}", flush=True)
-    mean = {w: {p: statistics.mean(m[p] for m in per[w]) for p in PARTS} for w in per}
-    for w in ("A", "B"):
-        print(f"{w + ' mean':<8}" + "".join(f"{mean[w][p]:>11.3f}" for p in PARTS))
-    print(f"{'B/A':<8}" + "".join(f"{mean['B'][p] / mean['A'][p]:>10.2f}x" for p in PARTS))
-
+    work = a.work.resolve()
+    abba_step_times({arm: (lambda i, arm=arm: run(demo, a.steps, a.seed, work / f"{i}_{arm}", arms[arm])) for arm in arms},
+                    a.repeats, a.skip)
 
 if __name__ == "__main__":
     main()

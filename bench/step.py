@@ -215,6 +215,31 @@ def run_logged(cmd: list[str], log: Path, what: str, env: dict | None = None, cw
     return text
 
 
+# the step and its parts as the trainer logs them (metrics.jsonl), seconds
+STEP_PARTS = ("step_s", "rollout_s", "ref_s", "train_s", "sync_s")
+
+
+def abba_step_times(arms: dict, repeats: int, skip: int) -> dict[str, dict[str, float]]:
+    """Run two arms side by side in ABBA order (first, second, second, first, ... `repeats` runs
+    each) and print the medians of STEP_PARTS per run (after the first `skip` steps) with its
+    first step's loss, the means per arm and second / first. `arms` maps a name to a function of
+    the run's index that runs it and returns its per-step metric rows. Returns the means."""
+    first, second = arms
+    order = [first, second, second, first] * (repeats // 2)
+    per: dict[str, list[dict]] = {first: [], second: []}
+    print(f"{'run':<10}" + "".join(f"{p:>11}" for p in STEP_PARTS) + f"{'loss step 1':>14}")
+    for i, name in enumerate(order):
+        rows = arms[name](i)
+        med = {p: statistics.median(r[p] for r in rows[skip:]) for p in STEP_PARTS}
+        per[name].append(med)
+        print(f"{name:<10}" + "".join(f"{med[p]:>11.3f}" for p in STEP_PARTS) + f"{rows[0]['loss']:>14.5f}", flush=True)
+    mean = {w: {p: statistics.mean(m[p] for m in per[w]) for p in STEP_PARTS} for w in per}
+    for w in (first, second):
+        print(f"{w + ' mean':<10}" + "".join(f"{mean[w][p]:>11.3f}" for p in STEP_PARTS))
+    print(f"{second + '/' + first:<10}" + "".join(f"{mean[second][p] / mean[first][p]:>10.2f}x" for p in STEP_PARTS))
+    return mean
+
+
 def train_command(nproc: int, model_dir: Path, data: Path, run_dir: Path, steps: int, *overrides: str) -> list[str]:
     """The demo recipe's trainer on `nproc` ranks, timing only: no evaluation, no checkpoints,
     no progress bar; `overrides` (key.sub=value) last."""
@@ -239,7 +264,7 @@ def part_b(model_dir: Path, data: Path, nproc: int, steps: int, work: Path) -> d
         run_logged(cmd, run_dir / "launcher.log", f"part B ({name})")
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "step_s" in r][1:]  # the first step warms up
-        res[name] = {k: statistics.median(r[k] for r in rows) for k in ("step_s", "rollout_s", "ref_s", "train_s", "sync_s")}
+        res[name] = {k: statistics.median(r[k] for r in rows) for k in STEP_PARTS}
     return res
 
 
