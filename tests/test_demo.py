@@ -165,7 +165,35 @@ def test_time_budget_counts_a_reused_warm_start(tmp_path, monkeypatch, capsys):
     assert "time_budget_min" not in json.loads((out / "summary.json").read_text())
     with pytest.raises(SystemExit):
         demo.main(["--out", str(out), "--time-budget-min", "-1"])
-    assert "--time-budget-min must be >= 0" in capsys.readouterr().err
+    assert "--time-budget-min must be 0 (no time box) or at least 1.75" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sft-band", "0.3", "0.2"], "--sft-band 0.3 0.2: need 0 <= LO <= HI <= 1"),
+    (["--sft-band", "0.2", "1.5"], "--sft-band 0.2 1.5: need 0 <= LO <= HI <= 1"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--sft-steps", "0"], "--sft-steps must be >= 1, got 0"),
+    (["--nproc", "0"], "--nproc must be >= 1, got 0"),
+    (["--time-budget-min", "1"], "--time-budget-min must be 0 (no time box) or at least 1.75"),
+    (["loss.betta=0.1"], "unknown config key 'loss.betta' (from the command line): did you mean 'loss.beta'?"),
+    (["optim.lr=abc"], "config key 'optim.lr': got 'abc', expected a number"),
+    (["notakeyvalue"], "override 'notakeyvalue' must look like key.sub=value"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    """Bad numbers and recipe overrides stop the demo at once with the flag or key named (exit 2),
+    not after the minutes of its warm start (these were all found late by a new-user check)."""
+    import megatron_tbrm.demo.tiny as tiny
+
+    def no_work(*a, **k):
+        raise AssertionError("the demo started work on bad input")
+
+    monkeypatch.setattr(tiny, "write_tiny_model", no_work)
+    monkeypatch.setattr(demo, "_run", no_work)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(tmp_path / "d"), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_auto_dtype_is_bf16_only_with_native_bf16_matmuls(monkeypatch):

@@ -10,7 +10,7 @@
    evaluating greedy accuracy on held-out problems before, during and after, for the recipe's
    steps or until a time budget (20 minutes in all by default: a slower machine stops early);
 5. write runs/demo/summary.json and runs/demo/curves.png and say whether it learned: the mean of
-   the last three evaluations at least GOAL_GAIN above the accuracy before (issue 15's goal).
+   the last three evaluations at least 0.15 above the accuracy before (GOAL_GAIN; issue 15's goal).
 
     python -m megatron_tbrm.demo [--out runs/demo] [--steps N] [--seed S] [--sft-seed S]
                                  [--time-budget-min 20] [--dtype auto] [key.sub=value ...]
@@ -143,11 +143,33 @@ def _stop_note(s: dict) -> str:
     return ""
 
 
+def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Bad input fails here, in seconds, not after minutes of warm start: the numbers, and the
+    recipe overrides' keys, types and form (the trainer's own load_config). Cross-field checks that
+    need the model and data folders (validation.py) still run in the trainer. Exits 2 (argparse)."""
+    from ..config import ConfigError, load_config
+
+    lo, hi = a.sft_band
+    if not 0.0 <= lo <= hi <= 1.0:
+        ap.error(f"--sft-band {lo:g} {hi:g}: need 0 <= LO <= HI <= 1 (held-out probe greedy accuracy)")
+    for flag, v in (("--steps", a.steps), ("--sft-steps", a.sft_steps), ("--nproc", a.nproc)):
+        if v is not None and v < 1:
+            ap.error(f"{flag} must be >= 1, got {v}")
+    least = (TIME_BUDGET_RESERVE_S + 60.0) / 60.0  # the reserve and one minute of TBRM (time_box_minutes)
+    if a.time_budget_min < 0 or 0 < a.time_budget_min < least:
+        ap.error(f"--time-budget-min must be 0 (no time box) or at least {least:g} (the demo keeps "
+                 f"{TIME_BUDGET_RESERVE_S:g} s for start-up and the final evaluation), got {a.time_budget_min:g}")
+    try:
+        load_config(RECIPE, a.overrides)
+    except ConfigError as e:
+        ap.error(f"recipe override for {RECIPE.relative_to(REPO)}: {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .sft import DEMO_WARM_START as WS
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/demo")
+    ap = argparse.ArgumentParser(prog="python -m megatron_tbrm.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/demo", help="the run folder (a relative path is taken from the repo root)")
     ap.add_argument("--steps", type=int, default=None, help="TBRM steps (default: the recipe's)")
     ap.add_argument("--seed", type=int, default=0,
                     help="RL seed (parallel.seed and data.seed); `make demo` is the seed-0 row of docs/learning.md")
@@ -166,11 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="the TBRM trainer's and the vLLM engine's dtype (auto: bf16 where the CPU has "
                          "native bf16 matmuls, AVX512-BF16 or AMX, else fp32); the warm start stays fp32")
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=2, help="processes (data-parallel ranks) of the warm start and the trainer")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides for the TBRM recipe")
     a = ap.parse_args(argv)
-    if a.time_budget_min < 0:
-        ap.error(f"--time-budget-min must be >= 0 (0: no time box), got {a.time_budget_min:g}")
+    _check_args(ap, a)
 
     from .sft import DEMO_MODEL_SPEC
     from .tiny import TinyModelSpec, write_tiny_model
@@ -192,13 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = a.sft_band
     sft_json = out / "sft.json"
     reused = a.reuse_sft and sft_json.exists() and json.loads(sft_json.read_text()).get("band_status") == "in_band"
+    if a.reuse_sft and not reused:
+        print(f"[demo] --reuse-sft: no in-band warm start recorded in {sft_json}; making one", flush=True)
     if not reused:
         sft_json.unlink(missing_ok=True)
         sft = ["--model", str(base), "--data", str(data["sft_train"]), "--out", str(sft_model),
                *WS.cli_args(steps=a.sft_steps, band=(lo, hi)),
                "--seed", str(a.sft_seed), "--probe", str(probe), "--metrics-out", str(sft_json)]
         # A warm start outside its band exits 3 (torchrun reports it as 1) after writing sft.json.
-        rc = _run(torchrun(a.nproc, "megatron_tbrm.demo.sft", *sft), "2/4 supervised warm start (Megatron, DP=2)",
+        rc = _run(torchrun(a.nproc, "megatron_tbrm.demo.sft", *sft), f"2/4 supervised warm start (Megatron, DP={a.nproc})",
                   ok=(0, 1, WARM_START_FAILED))
         if rc != 0 and not sft_json.exists():
             raise SystemExit(f"[demo] 2/4 supervised warm start failed (exit {rc})")
