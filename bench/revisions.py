@@ -87,5 +87,6 @@ def main() -> None:
                      "head": lambda i: run(REPO, a.demo, a.from_step, a.steps, a.seed, a.work / f"{i}_head", a.overrides)},
                     a.repeats, SKIP)
 
+
 if __name__ == "__main__":
     main()

@@ -66,5 +66,6 @@ def main() -> None:
     abba_step_times({arm: (lambda i, arm=arm: run(demo, a.steps, a.seed, work / f"{i}_{arm}", arms[arm])) for arm in arms},
                     a.repeats, a.skip)
 
+
 if __name__ == "__main__":
     main()

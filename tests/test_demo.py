@@ -207,3 +207,15 @@ def test_auto_dtype_is_bf16_only_with_native_bf16_matmuls(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert demo.demo_dtype("auto") == want
         assert demo.demo_dtype("fp32") == "fp32" and demo.demo_dtype("bf16") == "bf16"
+
+
+def test_standalone_warm_start_rejects_a_bad_band_before_any_work(capsys):
+    """`python -m megatron_tbrm.demo.sft --band LO HI` checks the band in its parser (the same
+    check_band as the demo's --sft-band and run_sft), not after building the model."""
+    from megatron_tbrm.demo import sft
+
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--model", "/nonexistent", "--data", "/nonexistent.jsonl", "--out", "/nonexistent_out",
+                  "--band", "0.3", "0.2"])
+    assert e.value.code == 2
+    assert "--band 0.3 0.2: need 0 <= LO <= HI <= 1" in capsys.readouterr().err

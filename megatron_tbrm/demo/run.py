@@ -43,6 +43,7 @@ WARM_START_FAILED = 3  # exit status when the warm start ends outside its band
 # the final evaluation and checkpoint, the server's shutdown, the summary and plot after it
 # (17-26 s measured on the 2-core CPU, docs/learning.md 2m).
 TIME_BUDGET_RESERVE_S = 45.0
+TIME_BOX_MIN_TBRM_S = 60.0  # the least TBRM time a time box may leave
 
 
 def _run(cmd: list[str], what: str, ok: tuple[int, ...] = (0,)) -> int:
@@ -64,7 +65,7 @@ def time_box_minutes(budget_min: float, spent_s: float, reserve_s: float = TIME_
     `spent_s` seconds are already gone (data, tiny model, warm start), keeping `reserve_s` for
     what runs outside the trainer's clock. Raises SystemExit when nothing is left for TBRM."""
     left = budget_min * 60.0 - spent_s - reserve_s
-    if left < 60.0:
+    if left < TIME_BOX_MIN_TBRM_S:
         raise SystemExit(f"[demo] --time-budget-min {budget_min:g}: {spent_s / 60:.1f} min already spent "
                          f"(warm start included) and {reserve_s:.0f} s kept for start-up and the final "
                          f"evaluation leave {max(left, 0.0) / 60:.2f} min for TBRM; give at least 1 min more")
@@ -148,14 +149,16 @@ def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     recipe overrides' keys, types and form (the trainer's own load_config). Cross-field checks that
     need the model and data folders (validation.py) still run in the trainer. Exits 2 (argparse)."""
     from ..config import ConfigError, load_config
+    from .sft import check_band
 
-    lo, hi = a.sft_band
-    if not 0.0 <= lo <= hi <= 1.0:
-        ap.error(f"--sft-band {lo:g} {hi:g}: need 0 <= LO <= HI <= 1 (held-out probe greedy accuracy)")
+    try:
+        check_band(tuple(a.sft_band))
+    except ValueError as e:
+        ap.error(f"--sft-band {e}")
     for flag, v in (("--steps", a.steps), ("--sft-steps", a.sft_steps), ("--nproc", a.nproc)):
         if v is not None and v < 1:
             ap.error(f"{flag} must be >= 1, got {v}")
-    least = (TIME_BUDGET_RESERVE_S + 60.0) / 60.0  # the reserve and one minute of TBRM (time_box_minutes)
+    least = (TIME_BUDGET_RESERVE_S + TIME_BOX_MIN_TBRM_S) / 60.0  # what time_box_minutes needs with nothing spent
     if a.time_budget_min < 0 or 0 < a.time_budget_min < least:
         ap.error(f"--time-budget-min must be 0 (no time box) or at least {least:g} (the demo keeps "
                  f"{TIME_BUDGET_RESERVE_S:g} s for start-up and the final evaluation), got {a.time_budget_min:g}")

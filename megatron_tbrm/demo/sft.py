@@ -251,6 +251,14 @@ def probe_accuracy(eng, rows: list[dict], loss_fn, ps, pad_id: int = 0) -> float
     return hits / n
 
 
+def check_band(band: tuple[float, float]) -> None:
+    """The warm-start stopping band: held-out probe greedy accuracies with 0 <= lo <= hi <= 1.
+    Raises ValueError "LO HI: need ..." (callers put their option's name in front)."""
+    lo, hi = band
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"{lo:g} {hi:g}: need 0 <= LO <= HI <= 1 (held-out probe greedy accuracy)")
+
+
 def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = DEFAULT_STEPS,
             batch: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, tp: int = 1, pp: int = 1,
             micro_batch_size: Optional[int] = None, seed: int = 0, warmup_steps: Optional[int] = None,
@@ -317,9 +325,7 @@ def run_sft(model: str | Path, data: str | Path, out: str | Path, steps: int = D
         if band is not None:
             if probe is None:
                 raise ValueError("band needs a held-out probe set (probe=...)")
-            lo, hi = band
-            if not 0.0 <= lo <= hi <= 1.0:
-                raise ValueError(f"band={band}: need 0 <= lo <= hi <= 1")
+            check_band(band)
         if probe is not None and probe_every < 1:
             raise ValueError(f"probe_every={probe_every}: need >= 1")
         probe_rows = build_examples(probe, tok) if probe is not None else None
@@ -421,6 +427,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="stop at the first probe inside [LO, HI]; exit 3 if the run ends outside it")
     ap.add_argument("--metrics-out", default=None, help="write the per-step CE and timings here as JSON (rank 0)")
     a = ap.parse_args(argv)
+    if a.band is not None:
+        try:
+            check_band(tuple(a.band))
+        except ValueError as e:
+            ap.error(f"--band {e}")
     setup_logging()
     res = run_sft(a.model, a.data, a.out, steps=a.steps, batch=a.batch, lr=a.lr, tp=a.tp, pp=a.pp,
                   micro_batch_size=a.micro_batch_size, seed=a.seed, warmup_steps=a.warmup_steps,
